@@ -1,0 +1,160 @@
+"""The aiohttp application: factory, middleware (errors, auth, CORS, drain), and `serve()`.
+
+`build_app` wires routes to one Supervisor; the app's cleanup context stops every worker when
+the app stops. `serve` runs it until SIGTERM/SIGINT, then drains: new requests get 503,
+in-flight ones finish (bounded), workers stop, and it returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from config import Config
+from gateway import admin, openai_api
+from gateway.blas import fast_blas_env
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from gateway.state import SUPERVISOR
+from gateway.supervisor import Supervisor
+
+log = logging.getLogger("mlxgw.http")
+
+DRAIN_TIMEOUT_S = 30.0
+PROTECTED_PREFIXES = ("/v1", "/api", "/metrics", "/dashboard")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_response(request: web.Request, err: GatewayError) -> web.Response:
+    body = err.anthropic_body() if request.path.startswith("/v1/messages") else err.openai_body()
+    return web.json_response(body, status=err.status, headers=err.headers())
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return _error_response(request, e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        mapped: GatewayError
+        if e.status == 404:
+            mapped = NotFound(f"No route for {request.method} {request.path}", code="not_found")
+        elif e.status == 405:
+            mapped = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}")
+        elif e.status == 413:
+            mapped = TooLarge(f"The request body is larger than the limit "
+                              f"({request.app[SUPERVISOR].config.gateway.max_body_bytes} bytes)")
+        else:
+            mapped = BadRequest(e.reason or "bad request")
+            mapped.status = e.status
+        return _error_response(request, mapped)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(request, InternalError("Internal error; see the gateway log"))
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sup = request.app[SUPERVISOR]
+    gw = sup.config.gateway
+    origin = request.headers.get("Origin")
+    if origin and origin not in gw.cors_origins and origin != f"{request.scheme}://{request.host}":
+        err = BadRequest(f"Cross-origin requests from {origin} are not allowed "
+                         "(configure gateway.cors_origins)", code="cors_refused")
+        err.status = 403
+        raise err
+    if gw.api_key and request.path.startswith(PROTECTED_PREFIXES):
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else \
+            request.headers.get("x-api-key", "")
+        if not given or not hmac.compare_digest(given.encode(), gw.api_key.encode()):
+            raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'")
+    if sup.draining and request.path.startswith(("/v1", "/api")):
+        raise Unavailable("The gateway is shutting down", retry_after=5)
+    resp = await handler(request)
+    if origin and origin in gw.cors_origins:
+        resp.headers["Access-Control-Allow-Origin"] = origin
+    return resp
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(fast_blas_env(env))
+    return env
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=config.gateway.max_body_bytes,
+        middlewares=[error_middleware, guard_middleware],
+    )
+    ipc_dir = Path(tempfile.mkdtemp(prefix="mlxgw-"))
+    app[SUPERVISOR] = Supervisor(config, ipc_dir=ipc_dir, worker_env=worker_env())
+    app.add_routes(openai_api.routes)
+    app.add_routes(admin.routes)
+
+    async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[SUPERVISOR].shutdown()
+
+    app.cleanup_ctx.append(supervisor_ctx)
+    return app
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    on_listening: Callable[[str, int], None] | None = None,
+) -> int:
+    """Run the gateway until SIGTERM/SIGINT, then drain and stop. Returns the exit code."""
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    host = host or config.gateway.host
+    port = config.gateway.port if port is None else port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", host, port, e)
+        await runner.cleanup()
+        return 1
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("mlx-gw listening on http://%s:%d (%d models configured)", host, bound,
+             len(config.models))
+    if on_listening:
+        on_listening(host, bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT_S)
+    await app[SUPERVISOR].drain(DRAIN_TIMEOUT_S)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0

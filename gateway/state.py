@@ -1,0 +1,9 @@
+"""Typed keys for what the aiohttp app holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.supervisor import Supervisor
+
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)

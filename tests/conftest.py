@@ -1,0 +1,165 @@
+"""Shared fixtures: tiny models built once per session, and real gateway subprocesses.
+
+`GatewayProc` runs `mlx-gw start --foreground` on an ephemeral port with its own MLX_GW_HOME.
+Every gateway a test starts is stopped at teardown, and the fixture asserts that no worker
+process it ever had outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.tiny_models import build_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for i in range(3):
+        build_tiny_llama(root / f"tiny-{i}", seed=i)
+    return root
+
+
+class GatewayProc:
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "models.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.home = workdir / "home"
+        self.log_path = workdir / "gateway.log"
+        inherited = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
+        full_env = {**inherited, "MLX_GW_HOME": str(self.home), **(env or {})}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "start", "--foreground",
+             "--config", str(self.config_path), "--port", "0"],
+            cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=self._log,
+        )
+        self.pid = self.proc.pid
+        self.url = self._wait_listening()
+        self.seen_workers: set[int] = set()
+
+    def _wait_listening(self) -> str:
+        found: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                text = line.decode()
+                if text.startswith("mlx-gw listening on "):
+                    found.append(text.split()[-1])
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(START_TIMEOUT_S)
+        if not found:
+            self.proc.kill()
+            raise RuntimeError(f"gateway did not start:\n{self.log_path.read_text()[-3000:]}")
+        return found[0]
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.seen_workers.update(k.pid for k in kids)
+        return kids
+
+    def ps(self, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        r = httpx.get(self.url + "/api/ps", headers=headers, timeout=10)
+        r.raise_for_status()
+        self.workers()
+        return r.json()["models"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 45.0) -> int:
+        self.workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def assert_gone(pids: set[int], timeout: float = 5.0) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        p.kill()
+    assert not alive, f"worker processes outlived their gateway: {[p.pid for p in alive]}"
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Any]:
+    started: list[GatewayProc] = []
+
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProc:
+        gw = GatewayProc(config, tmp_path / f"gw{len(started)}", env)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.workers()
+        if gw.proc.poll() is None:
+            gw.stop()
+        assert_gone(gw.seen_workers)
+
+
+def tiny_config(tiny_dir: Path, n: int = 2, **gateway: Any) -> dict[str, Any]:
+    models = {f"tiny-{i}": {"type": "llm", "path": str(tiny_dir / f"tiny-{i}")} for i in range(n)}
+    models["tiny-0"]["aliases"] = ["gpt-4o-mini"]
+    return {"gateway": {"port": 0, **gateway}, "models": models}
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    """One gateway with two tiny models, shared by a test module."""
+    gw = GatewayProc(tiny_config(tiny_dir), tmp_path_factory.mktemp("gw"))
+    yield gw
+    gw.workers()
+    gw.stop()
+    assert_gone(gw.seen_workers)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1)

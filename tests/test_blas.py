@@ -1,0 +1,145 @@
+"""The fast-BLAS preload: what ``fast_blas_env`` returns and that a real worker-like process
+started with it maps OpenBLAS."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway import blas
+from gateway.blas import BLAS_ENV_VAR, BlasConfigError, blas_in_use, fast_blas_env, find_fast_blas
+
+READY_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 10.0
+
+# Imports MLX, runs a float32 matmul, reports, then stays alive until stdin closes so the test
+# can read its memory map.
+CHILD = """
+import sys
+import mlx.core as mx
+a = mx.random.normal((256, 256))
+mx.eval(a @ a)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", BLAS_ENV_VAR)}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def mlx_child(env: Mapping[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """A live Python process that has imported MLX and run a matmul under ``env``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        env=dict(env),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            ready = bool(sel.select(timeout=READY_TIMEOUT_S))
+        line = proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            proc.kill()
+            _, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
+            pytest.fail(f"child not ready (rc={proc.returncode}): {err[-2000:]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=EXIT_TIMEOUT_S)
+
+
+@pytest.fixture
+def fast_lib() -> str:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the BLAS preload is Linux-only")
+    lib = find_fast_blas(clean_env())
+    if lib is None:
+        pytest.skip("no OpenBLAS found (apt install libopenblas0-pthread, or cmeel-openblas)")
+    return lib
+
+
+def test_worker_process_maps_openblas(fast_lib: str) -> None:
+    additions = fast_blas_env(clean_env())
+    assert additions["LD_PRELOAD"] == fast_lib
+    with mlx_child(clean_env(**additions)) as proc:
+        in_use = blas_in_use(proc.pid)
+    assert in_use is not None and "openblas" in Path(in_use).name.lower(), in_use
+
+
+@linux_only
+def test_off_preloads_nothing() -> None:
+    assert find_fast_blas(clean_env(**{BLAS_ENV_VAR: "off"})) is None
+    assert fast_blas_env(clean_env(**{BLAS_ENV_VAR: "OFF"})) == {}
+    with mlx_child(clean_env(**{BLAS_ENV_VAR: "off"})) as proc:
+        # mlx[cpu] bundles a reference libblas; that must not be mistaken for OpenBLAS.
+        assert blas_in_use(proc.pid) is None
+
+
+@linux_only
+def test_existing_preload_is_kept(tmp_path: Path) -> None:
+    lib = tmp_path / "libforced.so"
+    lib.write_bytes(b"")
+    other = "/opt/x/libjemalloc.so.2"
+    base = clean_env(**{BLAS_ENV_VAR: str(lib), "LD_PRELOAD": f"{other}:/opt/y/libz.so"})
+    assert fast_blas_env(base)["LD_PRELOAD"] == f"{other} /opt/y/libz.so {lib}"
+    # Already listed: not added twice.
+    base["LD_PRELOAD"] = f"{lib} {other}"
+    assert fast_blas_env(base)["LD_PRELOAD"] == f"{lib} {other}"
+
+
+@linux_only
+def test_existing_preload_kept_with_discovered_lib(fast_lib: str) -> None:
+    additions = fast_blas_env(clean_env(LD_PRELOAD="/opt/x/libfoo.so"))
+    assert additions["LD_PRELOAD"] == f"/opt/x/libfoo.so {fast_lib}"
+
+
+@linux_only
+def test_forced_path_and_threads(tmp_path: Path) -> None:
+    lib = tmp_path / "libforced.so"
+    lib.write_bytes(b"")
+    additions = fast_blas_env(clean_env(**{BLAS_ENV_VAR: str(lib)}, OPENBLAS_NUM_THREADS=""))
+    assert additions["LD_PRELOAD"] == str(lib)
+    assert int(additions["OPENBLAS_NUM_THREADS"]) >= 1
+    kept = fast_blas_env(clean_env(**{BLAS_ENV_VAR: str(lib)}, OPENBLAS_NUM_THREADS="3"))
+    assert "OPENBLAS_NUM_THREADS" not in kept
+
+
+@linux_only
+def test_forced_missing_path_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(BlasConfigError, match=BLAS_ENV_VAR):
+        fast_blas_env(clean_env(**{BLAS_ENV_VAR: str(tmp_path / "missing.so")}))
+
+
+def test_never_on_macos(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(blas.sys, "platform", "darwin")
+    lib = tmp_path / "libforced.so"
+    lib.write_bytes(b"")
+    assert fast_blas_env(clean_env(**{BLAS_ENV_VAR: str(lib)})) == {}
+    assert fast_blas_env(clean_env()) == {}
+    assert blas_in_use(os.getpid()) is None
+
+
+@linux_only
+def test_blas_in_use_of_missing_process() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=EXIT_TIMEOUT_S)
+    assert blas_in_use(proc.pid) is None

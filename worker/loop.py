@@ -1,0 +1,158 @@
+"""The worker's single-threaded loop: sockets, the engine, heartbeats and the parent-death watch.
+
+MLX is touched by this thread only. While a batch is running the loop never blocks: it drains
+whatever arrived on the socket (new requests join the batch, cancels leave it), runs one engine
+step, ships that step's deltas in one frame, and sends a heartbeat once a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import zmq
+
+from worker import protocol as p
+
+log = logging.getLogger("mlxgw.worker")
+
+HEARTBEAT_INTERVAL_S = 1.0
+PARENT_POLL_S = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit as soon as the gateway dies, however it dies (even SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        # The kernel kills us when the parent exits: immediate, even mid-load.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # parent died before the prctl took effect
+        os._exit(0)
+
+    def poll() -> None:  # portable fallback (macOS has no PDEATHSIG)
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
+def memory_bytes() -> int:
+    """This process's physical footprint: RSS, plus MLX device memory on a GPU backend."""
+    import mlx.core as mx
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    if mx.default_device() == mx.gpu:
+        return rss + int(mx.get_active_memory())
+    return rss
+
+
+def _make_engine(load: p.Load):
+    if load.type == "llm":
+        from worker.engine_llm import LLMEngine
+
+        return LLMEngine.from_load(load)
+    raise ValueError(f"model type {load.type!r} is not supported by this worker yet")
+
+
+def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
+    watch_parent(parent_pid)
+    import mlx.core as mx  # imported before Hello, so a warm spare has paid for it
+
+    ctx = zmq.Context()
+    rx = ctx.socket(zmq.PULL)
+    rx.bind(rx_addr)
+    tx = ctx.socket(zmq.PUSH)
+    tx.setsockopt(zmq.LINGER, 2000)
+    tx.connect(tx_addr)
+
+    def send(msg: p._Msg) -> None:
+        tx.send(p.encode(msg))
+
+    send(p.Hello(pid=os.getpid(), memory_bytes=memory_bytes()))
+    load = None
+    while load is None:
+        msg = p.decode_to_worker(rx.recv())
+        if isinstance(msg, p.Shutdown):
+            return 0
+        if isinstance(msg, p.Load):
+            load = msg
+    t0 = time.perf_counter()
+    try:
+        if load.memory_limit_bytes:
+            mx.set_memory_limit(load.memory_limit_bytes)
+        engine = _make_engine(load)
+    except Exception as e:
+        traceback.print_exc()
+        send(p.Error(rid=0, code="load_failed", message=f"{type(e).__name__}: {e}"))
+        tx.close()  # linger flushes the error before we exit
+        return 3
+    log.info("[worker:%s] loaded %s in %.2fs", load.name, load.path, time.perf_counter() - t0)
+    send(
+        p.Ready(
+            pid=os.getpid(),
+            context_length=engine.context_length,
+            load_seconds=time.perf_counter() - t0,
+            memory_bytes=memory_bytes(),
+            device=str(mx.default_device()),
+        )
+    )
+    return _serve(engine, rx, send, load.name)
+
+
+def _serve(engine, rx: zmq.Socket, send, name: str) -> int:
+    from worker.engine_llm import AdmissionError
+
+    next_hb = 0.0
+    while True:
+        now = time.monotonic()
+        timeout_ms = 0 if engine.busy else max(0, int((next_hb - now) * 1000))
+        if rx.poll(timeout_ms):
+            while True:
+                try:
+                    msg = p.decode_to_worker(rx.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if isinstance(msg, p.Generate):
+                    try:
+                        engine.submit(msg)
+                    except AdmissionError as e:
+                        send(p.Error(rid=msg.rid, code=e.code, message=e.message))
+                    except Exception as e:
+                        log.exception("[worker:%s] submit failed", name)
+                        send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
+                elif isinstance(msg, p.Cancel):
+                    engine.cancel(msg.rid)
+                elif isinstance(msg, p.Shutdown):
+                    engine.close()
+                    return 0
+        if engine.busy:
+            try:
+                deltas = engine.step()
+            except Exception as e:  # fail what is in flight, keep serving
+                log.exception("[worker:%s] engine step failed", name)
+                for rid in engine.abort_all():
+                    send(p.Error(rid=rid, code="internal", message=f"engine failure: {e}"))
+                deltas = []
+            if deltas:
+                send(p.Outputs(items=deltas))
+        now = time.monotonic()
+        if now >= next_hb:
+            send(
+                p.Heartbeat(
+                    memory_bytes=memory_bytes(),
+                    in_flight=engine.in_flight,
+                    prompt_tokens_total=engine.prompt_tokens_total,
+                    generation_tokens_total=engine.generation_tokens_total,
+                )
+            )
+            next_hb = now + HEARTBEAT_INTERVAL_S

@@ -1,0 +1,59 @@
+"""Per-request samplers for the LLM batch.
+
+Greedy requests get no sampler (mlx-lm's batched argmax runs once for the whole batch).
+Unseeded sampling requests with equal parameters share one sampler object, so BatchGenerator
+can still sample them in one batched call. A seeded request owns a sampler with its own PRNG
+key chain, so its output depends on its seed alone, not on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def _filters(top_p: float, top_k: int, min_p: float) -> list[Callable[[mx.array], mx.array]]:
+    methods: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0.0:
+        methods.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        methods.append(lambda x: apply_top_k(x, top_k))
+    return methods
+
+
+@lru_cache(maxsize=256)
+def _shared_sampler(temp: float, top_p: float, top_k: int, min_p: float) -> Sampler:
+    return make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def _seeded_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int) -> Sampler:
+    methods = _filters(top_p, top_k, min_p)
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        for method in methods:
+            logprobs = method(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+
+    return sample
+
+
+def sampler_for(
+    *, temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None, vocab: int
+) -> Sampler | None:
+    """The sampler for one request, or None for greedy (the batch's shared argmax)."""
+    if temperature <= 0.0:
+        return None
+    top_k = top_k if 0 < top_k < vocab else 0
+    if seed is None:
+        return _shared_sampler(temperature, top_p, top_k, min_p)
+    return _seeded_sampler(temperature, top_p, top_k, min_p, seed)
