@@ -1,1 +1,53 @@
+"""models.yaml: schema, parsing, validation and the embedded defaults.
 
+The gateway imports everything it needs from here; see DESIGN.md ("models.yaml") for the contract.
+"""
+
+from config.defaults import (
+    DEFAULT_MODELS,
+    DefaultModel,
+    default_config,
+    default_config_problem,
+    locate_default_model,
+)
+from config.durations import format_duration, parse_bytes, parse_duration
+from config.loader import find_config, load_config, load_yaml, render_init_yaml
+from config.schema import (
+    DTYPES,
+    ENV_API_KEY,
+    ENV_CONFIG,
+    MODEL_TYPES,
+    UNSET,
+    Config,
+    ConfigError,
+    GatewayConfig,
+    ModelConfig,
+    ModelType,
+)
+from config.validate import parse_config
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "DTYPES",
+    "ENV_API_KEY",
+    "ENV_CONFIG",
+    "MODEL_TYPES",
+    "UNSET",
+    "Config",
+    "ConfigError",
+    "DefaultModel",
+    "GatewayConfig",
+    "ModelConfig",
+    "ModelType",
+    "default_config",
+    "default_config_problem",
+    "find_config",
+    "format_duration",
+    "load_config",
+    "load_yaml",
+    "locate_default_model",
+    "parse_bytes",
+    "parse_config",
+    "parse_duration",
+    "render_init_yaml",
+]

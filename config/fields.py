@@ -1,0 +1,158 @@
+"""Checks of single values from models.yaml: exact types, ranges, durations and sizes.
+
+Owns the per-value rules `config.validate` applies key by key. YAML strings never pass for
+booleans or numbers (a quoted "yes" or "8095" is a mistake to report, not to coerce). Each check
+takes the value and its dotted key path, and returns the clean value or raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from typing import Any, cast
+
+from config.durations import BYTES_HELP, DURATION_HELP, parse_bytes, parse_duration
+from config.schema import ConfigError, total_memory_bytes
+
+Check = Callable[[object, str], Any]
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
+NAME_RULE = "start with a letter or digit and use only letters, digits and - _ . : /"
+
+
+def describe(value: object) -> str:
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def check_str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"expected a non-empty string, got {describe(value)}",
+            key=key,
+            fix="write a text value; quote it if it looks like a number",
+        )
+    return value
+
+
+def check_int(value: object, key: str, *, low: int, high: int | None = None) -> int:
+    bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"expected a whole number, got {describe(value)}",
+            key=key,
+            fix=f"write a whole number {bounds}, without quotes",
+        )
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"{value} is out of range", key=key, fix=f"use a number {bounds}")
+    return value
+
+
+def check_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"expected true or false, got {describe(value)}",
+            key=key,
+            fix="write true or false without quotes",
+        )
+    return value
+
+
+def check_choice(value: object, key: str, *, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{describe(value)} is not valid",
+            key=key,
+            fix=f"use one of: {', '.join(choices)}{hint}",
+        )
+    return cast(str, value)
+
+
+def check_duration(value: object, key: str) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(
+            f"expected a duration, got {describe(value)}", key=key, fix=f"use {DURATION_HELP}"
+        )
+    try:
+        return parse_duration(value, key=key)
+    except ValueError:
+        raise ConfigError(
+            f"invalid duration {value!r}", key=key, fix=f"use {DURATION_HELP}"
+        ) from None
+
+
+def check_timeout(value: object, key: str) -> float:
+    seconds = check_duration(value, key)
+    if not seconds:  # None (negative = never) or 0: a timeout must end and must allow work
+        raise ConfigError(
+            f"{value!r} is not a positive duration",
+            key=key,
+            fix='use a positive duration such as "30s" or "10m"',
+        )
+    return seconds
+
+
+def check_size(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(
+            f"expected a size, got {describe(value)}",
+            key=key,
+            fix='use a size such as "16MiB" or a number of bytes',
+        )
+    try:
+        size = parse_bytes(value)
+    except ValueError as error:
+        raise ConfigError(str(error), key=key, fix='use a size such as "16MiB"') from None
+    if size <= 0:
+        raise ConfigError(f"{value!r} is not a positive size", key=key, fix="use a size above 0")
+    return size
+
+
+def check_memory_limit(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(
+            f"expected a size, got {describe(value)}", key=key, fix=f"use {BYTES_HELP}"
+        )
+    try:
+        limit = parse_bytes(value, total=total_memory_bytes())
+    except ValueError as error:
+        raise ConfigError(str(error), key=key, fix=f"use {BYTES_HELP}") from None
+    if limit <= 0:
+        raise ConfigError(f"{value!r} is not a positive size", key=key, fix=f"use {BYTES_HELP}")
+    return limit
+
+
+def optional(check: Check) -> Check:
+    return lambda value, key: None if value is None else check(value, key)
+
+
+def check_names(value: object, key: str, *, check: bool) -> tuple[str, ...]:
+    """A list of strings (a lone string is a one-item list); `check` applies the name rule."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(
+            f"expected a list of strings, got {describe(value)}",
+            key=key,
+            fix='write a list such as ["a", "b"]',
+        )
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(
+                f"expected strings, found {describe(item)}", key=key, fix="quote each item"
+            )
+        if check and not NAME_RE.fullmatch(item):
+            raise ConfigError(f"invalid name {item!r}", key=key, fix=f"names must {NAME_RULE}")
+    return tuple(items)

@@ -1,0 +1,195 @@
+"""The shape of models.yaml: immutable config objects, their defaults and the one error type.
+
+Owns `ConfigError`, `GatewayConfig`, `ModelConfig`, `Config`, the valid keys with their one-line
+documentation (used by `mlx-gw init` and the README reference), and the `UNSET` sentinel that tells
+"keep_alive not set for this model" apart from -1 (never expire). Turning parsed YAML into these
+objects lives in `config.validate` (per-value checks in `config.fields`); reading files lives in
+`config.loader`; the embedded default models live in `config.defaults`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from config.durations import parse_bytes
+
+ModelType = Literal["llm", "vlm", "embedding", "tts", "stt"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
+DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+
+ENV_API_KEY = "MLX_GW_API_KEY"
+ENV_CONFIG = "MLX_GW_CONFIG"
+
+
+class ConfigError(Exception):
+    """A mistake in a config, located: `file` (None for in-memory data), `key` (a dotted path
+    such as "models.smollm2.keep_alive"), `line` when known, and a `fix` for the user."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        key: str | None = None,
+        fix: str | None = None,
+        file: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.key = key
+        self.fix = fix
+        self.file = file
+        self.line = line
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = self.file or "config"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        text = f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+    def located(self, *, file: str | None = None, line: int | None = None) -> ConfigError:
+        """A copy with the file and line filled in where this error has none."""
+        return ConfigError(
+            self.problem,
+            key=self.key,
+            fix=self.fix,
+            file=self.file or file,
+            line=self.line if self.line is not None else line,
+        )
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset.UNSET
+"""ModelConfig.keep_alive when the file does not set it: the gateway default applies."""
+
+DEFAULT_MEMORY_LIMIT = "75%"
+
+
+def total_memory_bytes() -> int:
+    """Physical memory of this machine, in bytes."""
+    try:
+        import psutil
+    except ImportError:  # psutil is a dependency; this keeps bare interpreters working
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(psutil.virtual_memory().total)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The `gateway:` section. Durations are seconds; sizes are bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8095
+    memory_limit: int = 0  # bytes; 0 here means "resolve memory_limit_raw" (see __post_init__)
+    memory_limit_raw: str | int = DEFAULT_MEMORY_LIMIT  # as written, for display
+    default_keep_alive: float | None = 300.0  # None = never expire
+    max_loaded_models: int = 0  # 0 = bounded by memory only
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    warm_spare: bool = True
+    load_timeout: float = 600.0
+    request_timeout: float = 600.0
+    queue_timeout: float = 120.0
+    max_queue: int = 256
+    max_body_bytes: int = 16 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.memory_limit <= 0:
+            limit = parse_bytes(self.memory_limit_raw, total=total_memory_bytes())
+            object.__setattr__(self, "memory_limit", limit)
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of `models:`. `path` is absolute for local files, or a Hugging Face repo id."""
+
+    name: str
+    type: ModelType
+    path: str
+    aliases: tuple[str, ...] = ()
+    keep_alive: float | None | _Unset = UNSET  # None = never expire; UNSET = gateway default
+    pin: bool = False
+    max_batch: int = 16
+    max_queue: int = 64
+    dtype: str = "auto"
+    context_length: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config: the gateway settings and the models, keyed by name in file order."""
+
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    source: str | None = None  # the file it came from; None for the embedded defaults
+    _index: Mapping[str, ModelConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+        index: dict[str, ModelConfig] = {}
+        for model in self.models.values():
+            index.setdefault(model.name, model)
+        for model in self.models.values():
+            for alias in model.aliases:
+                index.setdefault(alias, model)
+        object.__setattr__(self, "_index", MappingProxyType(index))
+
+    def resolve(self, name: str) -> ModelConfig | None:
+        """The model called `name`, by its name or one of its aliases; None if there is none."""
+        return self._index.get(name)
+
+    def effective_keep_alive(self, model: ModelConfig) -> float | None:
+        """Seconds `model` stays loaded after use (None = never): its own or the gateway's."""
+        if model.keep_alive is UNSET:
+            return self.gateway.default_keep_alive
+        return model.keep_alive
+
+
+# Every key models.yaml accepts, with the one-line comment `mlx-gw init` writes beside it.
+TOP_LEVEL_DOCS: dict[str, str] = {
+    "gateway": "settings of the gateway process",
+    "models": "the models the gateway serves, by the name clients send as 'model'",
+}
+GATEWAY_KEY_DOCS: dict[str, str] = {
+    "host": "address to listen on; 0.0.0.0 to serve the network (set api_key then)",
+    "port": "TCP port to listen on",
+    "memory_limit": 'ceiling for all workers together: share of RAM ("75%"), "12GB" or bytes',
+    "default_keep_alive": 'how long an idle model stays loaded: "5m", "1h", -1 = never, 0 = unload',
+    "max_loaded_models": "most models loaded at once; 0 = bounded by memory only",
+    "api_key": f"when set, /v1 and /api routes need it; null = use ${ENV_API_KEY}",
+    "cors_origins": 'origins allowed for browser requests, e.g. ["http://localhost:3000"]',
+    "warm_spare": "keep one idle worker process ready so a load skips process start-up",
+    "load_timeout": "longest a model load may take",
+    "request_timeout": "deadline of one request, queueing included",
+    "queue_timeout": "longest a request waits for a load or for room under memory_limit",
+    "max_queue": "most requests waiting at once across all models; more get 429",
+    "max_body_bytes": 'largest request body accepted, e.g. "16MiB"; more gets 413',
+}
+MODEL_KEY_DOCS: dict[str, str] = {
+    "type": "llm | vlm | embedding | tts | stt",
+    "path": "MLX model dir, Hugging Face repo id (org/name, from the local cache) or a .gguf file",
+    "aliases": "other names clients may send for this model",
+    "keep_alive": "overrides gateway.default_keep_alive for this model",
+    "pin": "load at start-up and never evict",
+    "max_batch": "most sequences decoded together in one batch",
+    "max_queue": "most requests waiting for this model (while it loads too); more get 429",
+    "dtype": "weight dtype on load: auto | float32 | float16 | bfloat16 (CPU wants float32)",
+    "context_length": "override of the model's own context window, in tokens",
+}
+REQUIRED_MODEL_KEYS: tuple[str, ...] = ("type", "path")
