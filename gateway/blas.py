@@ -92,8 +92,8 @@ def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
     """Path of the BLAS library to preload into workers, or None for none.
 
     ``env`` (default ``os.environ``) supplies ``MLX_GW_BLAS``. Search order: the path that
-    variable names; Debian/Ubuntu OpenBLAS (pthread, openmp, serial; x86_64 and aarch64); a
-    pip-installed ``cmeel-openblas``. Found libraries are test-loaded in a subprocess (cached,
+    variable names; a pip-installed ``cmeel-openblas``; Debian/Ubuntu OpenBLAS (pthread,
+    openmp, serial; x86_64 and aarch64). Found libraries are test-loaded in a subprocess (cached,
     ~50 ms once) and skipped if they fail. Raises ``BlasConfigError`` if ``MLX_GW_BLAS`` names
     a file that does not exist. Always None outside Linux.
     """
@@ -110,7 +110,8 @@ def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
                 f"shared library, 'auto' to search, or 'off' to preload nothing"
             )
         return setting
-    for path in (*SYSTEM_OPENBLAS_PATHS, *_pip_openblas_paths()):
+    # The pip wheel (0.3.31) measured 1.5-1.9x faster than Debian 12's 0.3.21: try it first.
+    for path in (*_pip_openblas_paths(), *SYSTEM_OPENBLAS_PATHS):
         if Path(path).is_file() and _loads(path):
             return path
     return None
