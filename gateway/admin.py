@@ -8,6 +8,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import BadRequest
+from gateway.schemas import keep_alive_param
 from gateway.state import SUPERVISOR
 
 routes = web.RouteTableDef()
@@ -46,7 +47,7 @@ async def ps(request: web.Request) -> web.Response:
 @routes.post("/api/load")
 async def load(request: web.Request) -> web.Response:
     body = _model_body(await request.read())
-    handle = await request.app[SUPERVISOR].load(body.model)
+    handle = await request.app[SUPERVISOR].load(body.model, keep_alive_param(body.keep_alive))
     return web.json_response(handle.snapshot())
 
 
@@ -55,3 +56,8 @@ async def unload(request: web.Request) -> web.Response:
     body = _model_body(await request.read())
     handle = await request.app[SUPERVISOR].unload(body.model)
     return web.json_response(handle.snapshot())
+
+
+@routes.get("/api/events")
+async def events(request: web.Request) -> web.Response:
+    return web.json_response({"events": list(request.app[SUPERVISOR].events)})

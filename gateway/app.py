@@ -116,6 +116,7 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(admin.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+        await app[SUPERVISOR].start()
         yield
         await app[SUPERVISOR].shutdown()
 

@@ -25,6 +25,7 @@ from gateway.schemas import (
     chat_to_generate,
     completion_to_generate,
     decode,
+    keep_alive_param,
 )
 from gateway.state import SUPERVISOR
 from worker.protocol import Delta, Generate
@@ -62,7 +63,7 @@ async def _complete(
 ) -> web.StreamResponse:
     sup = request.app[SUPERVISOR]
     model = sup.resolve(req.model)
-    async with sup.lease(req.model) as handle:
+    async with sup.lease(req.model, keep_alive_param(req.keep_alive)) as handle:
         deadline = time.monotonic() + sup.config.gateway.request_timeout
         async with contextlib.aclosing(handle.stream(gen, deadline=deadline)) as deltas:
             first = await anext(deltas)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from config import UNSET, parse_duration
 from gateway.errors import BadRequest
 from worker.protocol import Generate
 
@@ -64,6 +65,16 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise BadRequest(f"Invalid request: {e}", param=param) from None
     except msgspec.DecodeError as e:
         raise BadRequest(f"The request body is not valid JSON: {e}") from None
+
+
+def keep_alive_param(value: str | int | float | None) -> Any:
+    """A request's keep_alive: seconds, None (never), or UNSET when the request has none."""
+    if value is None:
+        return UNSET
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise BadRequest(f"Invalid keep_alive: {e}", param="keep_alive") from None
 
 
 def _check_sampling(req: _Sampling, max_tokens: int | None) -> None:

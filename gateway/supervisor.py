@@ -2,8 +2,13 @@
 
 Requests reach a worker through `lease()`, which resolves the model (name or alias), makes its
 worker ready (one load however many requests arrive) and holds it in use for the request's
-duration, so nothing stops a worker under a running request. Every lifecycle change is one
-structured log line and one entry in the recent-events ring.
+duration, so nothing evicts or expires a worker under a running request. Before a load,
+`_admit` makes room under the memory ceiling and `max_loaded_models` by evicting idle, unpinned
+workers least-recently-used first, or waits (bounded by queue_timeout) for one to go idle.
+One reaper task expires idle workers at `last use + keep_alive` and evicts idle ones when
+measured memory crosses the ceiling. A warm spare process (MLX imported, no model) makes a
+load skip interpreter start-up. Every lifecycle change is one structured log line and one
+entry in the recent-events ring.
 """
 
 from __future__ import annotations
@@ -19,20 +24,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from config import Config, ModelConfig
-from gateway.errors import NotFound
+from config import UNSET, Config, ModelConfig
+from gateway.errors import NotFound, Unavailable
+from gateway.memory import DEFAULT_BASELINE_BYTES, estimate_bytes
 from gateway.worker_handle import State, WorkerHandle
-from gateway.worker_process import WorkerProcess
+from gateway.worker_process import WorkerGone, WorkerProcess
 
 log = logging.getLogger("mlxgw.supervisor")
 
 SPAWN_TIMEOUT_S = 120.0  # interpreter start + `import mlx` on a cold, busy machine
 EVENTS_KEPT = 1000
+REAPER_TICK_S = 1.0  # how often measured memory is checked against the ceiling
+MiB = 2**20
+
+LOADED = (State.STARTING, State.READY, State.DRAINING)
 
 
 class Supervisor:
     def __init__(self, config: Config, *, ipc_dir: Path, worker_env: dict[str, str]) -> None:
         self.config = config
+        self.ceiling = config.gateway.memory_limit
         self._ipc_dir = ipc_dir
         self._env = worker_env
         self._handles: dict[str, WorkerHandle] = {}
@@ -40,6 +51,27 @@ class Supervisor:
         self.draining = False
         self._idle = asyncio.Event()  # set while no request holds a lease
         self._idle.set()
+        self._change = asyncio.Event()  # pulsed when a lease ends or a worker stops
+        self._admission = asyncio.Lock()  # covers the evict-then-reserve step only
+        self._measured: dict[str, int] = {}  # peak footprint of each model's last load
+        self._baseline = DEFAULT_BASELINE_BYTES
+        self._spare: asyncio.Task[WorkerProcess] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Background work: the reaper, the warm spare, and pinned models' loads."""
+        self._tasks.append(asyncio.create_task(self._reaper()))
+        if self.config.gateway.warm_spare:
+            self._refill_spare()
+        for m in self.config.models.values():
+            if m.pin:
+                self._tasks.append(asyncio.create_task(self._load_pinned(m)))
+
+    async def _load_pinned(self, model: ModelConfig) -> None:
+        try:
+            await self.load(model.name)
+        except Exception as e:
+            log.error("[supervisor] pinned model %s failed to load: %s", model.name, e)
 
     # ------------------------------------------------------------------ models
 
@@ -56,29 +88,24 @@ class Supervisor:
         if h is None:
             h = WorkerHandle(
                 model,
-                get_process=self._new_process,
+                get_process=self._process_for,
+                admit=self._admit,
                 load_timeout_s=self.config.gateway.load_timeout,
-                memory_limit_bytes=self.config.gateway.memory_limit,
+                memory_limit_bytes=self.ceiling,
                 on_event=self._on_event,
             )
+            h.keep_alive = self.config.effective_keep_alive(model)
             self._handles[model.name] = h
         return h
 
-    async def _new_process(self, label: str) -> WorkerProcess:
-        wp = await WorkerProcess.spawn(ipc_dir=self._ipc_dir, env=self._env, label=label)
-        try:
-            await wp.wait_hello(SPAWN_TIMEOUT_S)
-        except BaseException:
-            wp.kill()
-            wp.close()
-            raise
-        return wp
-
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[WorkerHandle]:
-        """Yields the model's ready worker, held in use until the block exits.
-        Blocks on the model's load (bounded by load_timeout); raises NotFound, LoadFailed."""
+    async def lease(self, name: str, keep_alive: Any = UNSET) -> AsyncIterator[WorkerHandle]:
+        """Yields the model's ready worker, held in use until the block exits. `keep_alive`
+        (seconds, None = never, UNSET = keep the model's current setting) applies from the
+        end of this request. Raises NotFound, LoadFailed, Unavailable."""
         h = self.handle(self.resolve(name))
+        if keep_alive is not UNSET:
+            h.keep_alive = keep_alive
         h.active += 1
         self._idle.clear()
         try:
@@ -87,23 +114,170 @@ class Supervisor:
         finally:
             h.active -= 1
             h.last_used = time.monotonic()
+            self._touch(h)
             if not self.in_flight():
                 self._idle.set()
 
-    async def load(self, name: str) -> WorkerHandle:
-        async with self.lease(name) as h:
+    def _touch(self, h: WorkerHandle) -> None:
+        """Recompute a model's expiry after use; keep_alive 0 unloads once it is idle."""
+        if h.model.pin or h.keep_alive is None:
+            h.expires_at = None
+        else:
+            h.expires_at = time.time() + h.keep_alive
+        if h.active == 0 and h.keep_alive == 0 and not h.model.pin and h.state is State.READY:
+            h.begin_stop("expire", keep_alive=0)
+        self._pulse()
+
+    def _pulse(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def load(self, name: str, keep_alive: Any = UNSET) -> WorkerHandle:
+        async with self.lease(name, keep_alive) as h:
             return h
 
     async def unload(self, name: str) -> WorkerHandle:
         h = self.handle(self.resolve(name))
         await h.stop("unload")
+        self._pulse()
         return h
+
+    # ------------------------------------------------------------------ processes
+
+    def _refill_spare(self) -> None:
+        if self._spare is None and self.config.gateway.warm_spare and not self.draining:
+            self._spare = asyncio.create_task(self._spawn("spare"))
+            self._spare.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _spawn(self, label: str) -> WorkerProcess:
+        wp = await WorkerProcess.spawn(ipc_dir=self._ipc_dir, env=self._env, label=label)
+        try:
+            hello = await wp.wait_hello(SPAWN_TIMEOUT_S)
+        except BaseException:
+            wp.kill()
+            wp.close()
+            raise
+        self._baseline = hello.memory_bytes
+        log.info("[supervisor] worker process pid %d up (%s), baseline %.0f MiB", wp.pid, label,
+                 hello.memory_bytes / MiB)
+        return wp
+
+    async def _process_for(self, label: str) -> WorkerProcess:
+        """An empty worker process for a load: the warm spare if it is up, else a new one."""
+        spare, self._spare = self._spare, None
+        wp = None
+        if spare is not None:
+            try:
+                wp = await spare
+            except (WorkerGone, OSError) as e:
+                log.warning("[supervisor] warm spare failed (%s); spawning a new process", e)
+            if wp is not None and wp.returncode is not None:
+                wp.close()
+                wp = None
+        self._refill_spare()
+        return wp if wp is not None else await self._spawn(label)
+
+    # ------------------------------------------------------------------ memory
+
+    def _footprint(self, h: WorkerHandle) -> int:
+        if h.state is State.STARTING:
+            return max(h.estimate_bytes, h.memory_bytes)
+        return h.memory_bytes or self._measured.get(h.model.name) or h.estimate_bytes
+
+    def resident_bytes(self) -> int:
+        return sum(self._footprint(h) for h in self._handles.values() if h.state in LOADED)
+
+    def _usage_report(self) -> str:
+        rows = [f"{h.model.name} {self._footprint(h) / MiB:.0f} MiB ({h.active} in flight"
+                + (", pinned)" if h.model.pin else ")")
+                for h in self._handles.values() if h.state in LOADED]
+        return "; ".join(rows) or "nothing"
+
+    async def _admit(self, h: WorkerHandle) -> None:
+        """Make room for `h` under the ceiling and max_loaded_models, evicting idle unpinned
+        workers LRU-first; wait (bounded by queue_timeout) for one to go idle; else raise."""
+        gw = self.config.gateway
+        need = self._measured.get(h.model.name) or estimate_bytes(h.model, self._baseline)
+        if need > self.ceiling:
+            raise Unavailable(f"Model '{h.model.name}' needs about {need / MiB:.0f} MiB, more "
+                              f"than the whole memory_limit ({self.ceiling / MiB:.0f} MiB); it "
+                              "cannot be loaded on this gateway", code="model_too_large")
+        deadline = time.monotonic() + gw.queue_timeout
+        while True:
+            change = self._change
+            async with self._admission:
+                others = [o for o in self._handles.values() if o is not h and o.state in LOADED]
+                over = sum(self._footprint(o) for o in others) + need - self.ceiling
+                extra = len(others) + 1 - gw.max_loaded_models if gw.max_loaded_models else 0
+                if over <= 0 and extra <= 0:
+                    h.estimate_bytes = need
+                    return
+                idle = sorted((o for o in others if o.state is State.READY and o.active == 0
+                               and not o.model.pin), key=lambda o: o.last_used)
+                victims: list[WorkerHandle] = []
+                for o in idle:
+                    if over <= 0 and extra <= 0:
+                        break
+                    victims.append(o)
+                    over -= self._footprint(o)
+                    extra -= 1
+                if over <= 0 and extra <= 0:
+                    why = "max_loaded_models" if extra + len(victims) > 0 else "memory"
+                    tasks = [v.begin_stop("evict", reason=why, for_model=h.model.name)
+                             for v in victims]
+                    await asyncio.gather(*(t for t in tasks if t is not None))
+                    continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = ("max_loaded_models" if extra > 0 else
+                          f"memory (needs ~{need / MiB:.0f} MiB; memory_limit "
+                          f"{self.ceiling / MiB:.0f} MiB)")
+                raise Unavailable(f"No room to load model '{h.model.name}': {reason}, and "
+                                  f"nothing idle to evict. In use: {self._usage_report()}",
+                                  code="no_capacity", retry_after=5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), left)
+
+    async def _reaper(self) -> None:
+        """Expire idle workers at last use + keep_alive; evict idle ones over the ceiling."""
+        while True:
+            change = self._change
+            now = time.time()
+            due = [h.expires_at for h in self._handles.values()
+                   if h.state is State.READY and h.expires_at is not None]
+            timeout = min([REAPER_TICK_S, *(max(0.0, t - now) for t in due)])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), timeout)
+            now = time.time()
+            for h in list(self._handles.values()):
+                if (h.state is State.READY and h.active == 0 and not h.model.pin
+                        and h.expires_at is not None and h.expires_at <= now):
+                    h.begin_stop("expire", keep_alive=h.keep_alive)
+            for h in self._handles.values():
+                if h.state is State.READY:
+                    self._measured[h.model.name] = max(self._measured.get(h.model.name, 0),
+                                                       h.memory_bytes)
+            self._enforce_ceiling()
+
+    def _enforce_ceiling(self) -> None:
+        over = self.resident_bytes() - self.ceiling
+        if over <= 0:
+            return
+        idle = sorted((h for h in self._handles.values() if h.state is State.READY
+                       and h.active == 0 and not h.model.pin), key=lambda h: h.last_used)
+        for h in idle:
+            if over <= 0:
+                break
+            h.begin_stop("evict", reason="memory", over_bytes=over)
+            over -= self._footprint(h)
+        if over > 0:
+            log.warning("[supervisor] resident memory is %.0f MiB over the ceiling and nothing "
+                        "idle can be evicted: %s", over / MiB, self._usage_report())
 
     # ------------------------------------------------------------------ reporting
 
     def ps(self) -> list[dict[str, Any]]:
-        return [h.snapshot() for h in self._handles.values()
-                if h.state in (State.STARTING, State.READY, State.DRAINING)]
+        return [h.snapshot() for h in self._handles.values() if h.state in LOADED]
 
     def in_flight(self) -> int:
         return sum(h.active for h in self._handles.values())
@@ -112,6 +286,8 @@ class Supervisor:
         event = {"type": kind, "time": time.time(), "model": h.model.name, **details}
         self.events.append(event)
         log.info("[event] %s", json.dumps(event, default=str))
+        if kind in ("ready", "crash", "unload", "evict", "expire", "load_failed"):
+            self._pulse()
 
     # ------------------------------------------------------------------ shutdown
 
@@ -122,8 +298,17 @@ class Supervisor:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def shutdown(self) -> None:
-        """Stop every worker; nothing outlives the gateway. Idempotent."""
+        """Stop every worker and the spare; nothing outlives the gateway. Idempotent."""
         self.draining = True
+        for t in self._tasks:
+            t.cancel()
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            if spare.done() and not spare.cancelled() and spare.exception() is None:
+                await spare.result().stop()
+            else:
+                spare.cancel()
+                await asyncio.gather(spare, return_exceptions=True)
         await asyncio.gather(*(h.stop("unload") for h in self._handles.values()),
                              return_exceptions=True)
         for h in self._handles.values():

@@ -44,6 +44,7 @@ class _Died:
 
 EventSink = Callable[["WorkerHandle", str, dict[str, Any]], None]
 ProcessSource = Callable[[str], Awaitable[WorkerProcess]]
+Admission = Callable[["WorkerHandle"], Awaitable[None]]
 
 
 class WorkerHandle:
@@ -52,6 +53,7 @@ class WorkerHandle:
         model: ModelConfig,
         *,
         get_process: ProcessSource,
+        admit: Admission,
         load_timeout_s: float,
         memory_limit_bytes: int | None,
         on_event: EventSink,
@@ -59,6 +61,7 @@ class WorkerHandle:
         self.model = model
         self.state = State.STOPPED
         self._get_process = get_process
+        self._admit = admit
         self._load_timeout_s = load_timeout_s
         self._memory_limit_bytes = memory_limit_bytes
         self._on_event = on_event
@@ -66,6 +69,7 @@ class WorkerHandle:
         self._pending: dict[int, asyncio.Queue[p.Delta | p.Error | _Died]] = {}
         self._rids = itertools.count(1)
         self._start_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._failures = 0
@@ -80,6 +84,8 @@ class WorkerHandle:
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
         self.expires_at: float | None = None  # wall-clock; None = never by time
+        self.keep_alive: float | None = None  # seconds, set by the latest request; None = never
+        self.estimate_bytes = 0  # admission estimate while starting
 
     @property
     def pid(self) -> int | None:
@@ -91,6 +97,9 @@ class WorkerHandle:
         """Blocks until the worker is ready, starting it if needed; one load however many
         callers. Bounded by the load timeout. Raises LoadFailed or TimedOut."""
         while self.state is not State.READY:
+            if self._stop_task is not None:
+                await asyncio.shield(self._stop_task)
+                continue
             if self._start_task is None:
                 if self.state is State.FAILED and time.monotonic() < self._retry_at:
                     raise LoadFailed(self.error or "load failed",
@@ -112,6 +121,11 @@ class WorkerHandle:
         self._emit("restart" if self._crashed else "load")
         t0 = time.monotonic()
         wp: WorkerProcess | None = None
+        try:
+            await self._admit(self)  # waits (bounded) for room under the ceiling
+        except BaseException:
+            self.state = State.FAILED if self._crashed else State.STOPPED
+            raise
         try:
             async with asyncio.timeout(self._load_timeout_s):
                 wp = await self._get_process(name)
@@ -214,23 +228,32 @@ class WorkerHandle:
             self._emit("crash", pid=wp.pid, exit=wp.exit_description(),
                        returncode=wp.returncode)
 
-    async def stop(self, reason: str = "unload") -> None:
-        """Stop the worker (staged: Shutdown, SIGTERM, SIGKILL). Blocks until it has exited."""
-        if self._start_task is not None:
+    def begin_stop(self, reason: str, **details: Any) -> asyncio.Task[None] | None:
+        """Start stopping the worker (staged: Shutdown, SIGTERM, SIGKILL) and return the task.
+        The state turns DRAINING at once, before any await, so no new request can pick it."""
+        if self._stop_task is None and self._wp is not None and self._start_task is None:
+            self._stopping = True
+            self.state = State.DRAINING
+            self._stop_task = asyncio.create_task(self._stop(self._wp, reason, details))
+        return self._stop_task
+
+    async def stop(self, reason: str = "unload", **details: Any) -> None:
+        """Stop the worker; blocks until it has exited (waits out a load in progress first)."""
+        while self._start_task is not None:
             await asyncio.wait({self._start_task})
-        wp = self._wp
-        if wp is None:
-            if self.state is not State.FAILED:
-                self.state = State.STOPPED
-            return
-        self._stopping = True
-        self.state = State.DRAINING
-        pid = wp.pid
-        await wp.stop()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.state = State.STOPPED
-        self.expires_at = None
-        self._emit(reason, pid=pid)
+        task = self.begin_stop(reason, **details)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _stop(self, wp: WorkerProcess, reason: str, details: dict[str, Any]) -> None:
+        try:
+            await wp.stop()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.state = State.STOPPED
+            self.expires_at = None
+            self._emit(reason, pid=wp.pid, **details)
+        finally:
+            self._stop_task = None
 
     def kill(self) -> None:
         """Last resort at gateway exit: SIGKILL without waiting."""

@@ -66,6 +66,7 @@ class WorkerProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            start_new_session=True,  # signals for the gateway's process group are not ours
         )
         return cls(proc, push, pull, [rx, tx], label)
 

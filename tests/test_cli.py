@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psutil
 import yaml
 
@@ -38,18 +39,21 @@ def test_daemon_lifecycle(tmp_path: Path, tiny_dir: Path) -> None:
         assert r.returncode == 0 and "ready" in r.stdout, r.stderr
         ps = mlxgw("ps", home=home)
         assert "tiny-0" in ps.stdout and "ready" in ps.stdout
-        workers = {p.pid for p in daemon.children(recursive=True)}
-        assert workers
+        ps_rows = httpx.get(state["url"] + "/api/ps").json()["models"]
+        workers = {m["pid"] for m in ps_rows}
+        assert len(workers) == 1
         missing = mlxgw("load", "nope", home=home)
         assert missing.returncode == 1 and "404" in missing.stderr
         assert mlxgw("unload", "tiny-0", home=home).returncode == 0
         assert_gone(workers)
         assert "tiny-0" not in mlxgw("ps", home=home).stdout
         assert "listening on" in mlxgw("logs", home=home).stdout
+        all_children = daemon.children(recursive=True)
     finally:
         stop = mlxgw("stop", home=home)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert not daemon.is_running()
+    assert_gone({p.pid for p in all_children})
     assert mlxgw("status", home=home).returncode == 3
 
 

@@ -95,7 +95,6 @@ def test_batching_does_not_change_greedy_results(gateway: GatewayProc) -> None:
 
 def test_eight_streams_share_one_worker_and_overlap(gateway: GatewayProc) -> None:
     c = client(gateway)
-    client(gateway).models.list()
     greedy_chat(c, "warm up", n=2)
     pid = next(m["pid"] for m in gateway.ps() if m["name"] == "tiny-0")
     started = threading.Barrier(8, timeout=30)
@@ -117,7 +116,6 @@ def test_eight_streams_share_one_worker_and_overlap(gateway: GatewayProc) -> Non
     assert len(first_token_before_any_end) == 8 and all(n > 0 for n in counts)
     rows = [m for m in gateway.ps() if m["name"] == "tiny-0"]
     assert [m["pid"] for m in rows] == [pid]
-    assert sum(1 for w in gateway.workers() if "worker" in " ".join(w.cmdline())) <= 2
 
 
 def test_two_models_run_in_two_processes(gateway: GatewayProc) -> None:

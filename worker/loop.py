@@ -64,9 +64,22 @@ def _make_engine(load: p.Load):
     raise ValueError(f"model type {load.type!r} is not supported by this worker yet")
 
 
+def _preimport() -> None:
+    """Import what a load needs before saying Hello, so a warm spare has paid for it."""
+    try:
+        import mlx_lm.generate  # noqa: F401  (pulls in transformers' tokenizers too)
+        import mlx_lm.utils  # noqa: F401
+    except ImportError as e:  # a worker for another kind may not have mlx-lm
+        log.warning("could not pre-import mlx-lm: %s", e)
+
+
 def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
     watch_parent(parent_pid)
-    import mlx.core as mx  # imported before Hello, so a warm spare has paid for it
+    # The gateway owns our lifecycle: a Ctrl-C meant for it must not kill us mid-request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import mlx.core as mx
+
+    _preimport()
 
     ctx = zmq.Context()
     rx = ctx.socket(zmq.PULL)
