@@ -37,6 +37,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     n: int = 1
     keep_alive: str | int | float | None = None
     user: str | None = None
+    ignore_eos: bool = False
 
 
 class ChatRequest(_Sampling, kw_only=True):
@@ -112,6 +113,7 @@ def _sampling_fields(req: _Sampling, max_tokens: int | None) -> dict[str, Any]:
         "min_p": req.min_p or 0.0,
         "seed": req.seed,
         "stop": _stops(req.stop),
+        "ignore_eos": req.ignore_eos,
     }
 
 

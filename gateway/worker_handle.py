@@ -228,30 +228,30 @@ class WorkerHandle:
             self._emit("crash", pid=wp.pid, exit=wp.exit_description(),
                        returncode=wp.returncode)
 
-    def begin_stop(self, reason: str, **details: Any) -> asyncio.Task[None] | None:
+    def begin_stop(self, kind: str, **details: Any) -> asyncio.Task[None] | None:
         """Start stopping the worker (staged: Shutdown, SIGTERM, SIGKILL) and return the task.
         The state turns DRAINING at once, before any await, so no new request can pick it."""
         if self._stop_task is None and self._wp is not None and self._start_task is None:
             self._stopping = True
             self.state = State.DRAINING
-            self._stop_task = asyncio.create_task(self._stop(self._wp, reason, details))
+            self._stop_task = asyncio.create_task(self._stop(self._wp, kind, details))
         return self._stop_task
 
-    async def stop(self, reason: str = "unload", **details: Any) -> None:
+    async def stop(self, kind: str = "unload", **details: Any) -> None:
         """Stop the worker; blocks until it has exited (waits out a load in progress first)."""
         while self._start_task is not None:
             await asyncio.wait({self._start_task})
-        task = self.begin_stop(reason, **details)
+        task = self.begin_stop(kind, **details)
         if task is not None:
             await asyncio.shield(task)
 
-    async def _stop(self, wp: WorkerProcess, reason: str, details: dict[str, Any]) -> None:
+    async def _stop(self, wp: WorkerProcess, kind: str, details: dict[str, Any]) -> None:
         try:
             await wp.stop()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.state = State.STOPPED
             self.expires_at = None
-            self._emit(reason, pid=wp.pid, **details)
+            self._emit(kind, pid=wp.pid, **details)
         finally:
             self._stop_task = None
 

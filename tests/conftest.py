@@ -34,6 +34,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     for i in range(3):
         build_tiny_llama(root / f"tiny-{i}", seed=i)
+    # A long context, so one request can keep a worker busy for seconds (8k tokens).
+    build_tiny_llama(root / "tiny-long", seed=5, max_position_embeddings=16384)
     return root
 
 

@@ -52,7 +52,9 @@ def test_sigkill_of_gateway_takes_workers_down(start_gateway, tiny_dir: Path) ->
 
 
 def test_sigterm_drains_in_flight_stream_then_exits_zero(start_gateway, tiny_dir: Path) -> None:
-    gw = start_gateway(tiny_config(tiny_dir, n=1))
+    config = tiny_config(tiny_dir, n=1)
+    config["models"]["tiny-0"]["path"] = str(tiny_dir / "tiny-long")
+    gw = start_gateway(config)
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
     c.chat.completions.create(model="tiny-0", messages=CHAT, max_tokens=2)
     workers = {w.pid for w in gw.workers()}
@@ -61,8 +63,9 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero(start_gateway, tiny_dir
 
     def stream() -> None:
         text, finish = [], None
-        for ch in c.chat.completions.create(model="tiny-0", messages=CHAT, max_tokens=200,
-                                            temperature=0, stream=True):
+        for ch in c.chat.completions.create(model="tiny-0", messages=CHAT, max_tokens=1500,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}):
             if ch.choices:
                 text.append(ch.choices[0].delta.content or "")
                 finish = ch.choices[0].finish_reason or finish

@@ -13,7 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from worker.protocol import Delta, Generate, Load
@@ -24,6 +24,9 @@ log = logging.getLogger("mlxgw.worker")
 
 DEFAULT_CONTEXT_LENGTH = 4096
 PREFILL_STEP_TOKENS = 512  # prompt chunk per step: bounds how long one prefill stalls decoding
+
+
+_NO_STOP = StopSequences(None)
 
 
 class AdmissionError(Exception):
@@ -139,7 +142,10 @@ class LLMEngine:
             seed=req.seed,
             vocab=self._vocab,
         )
-        (uid,) = self._gen.insert([ids], max_tokens=[max_tokens], samplers=[sampler])
+        stops = [_NO_STOP] if req.ignore_eos else None
+        (uid,) = self._gen.insert(
+            [ids], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops
+        )
         seq = _Seq(req.rid, uid, self.tokenizer.detokenizer, StopText(req.stop), n)
         self._by_uid[uid] = seq
         self._by_rid[req.rid] = seq

@@ -45,11 +45,11 @@ _TYPE_NAMES = {
 # mx.load returns these as MLX affine-quantized (weight, scales, biases), group size 32: the
 # block formats are exactly "q * scale + bias" per 32 weights, so nothing is lost.
 _QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-# mx.load returns these dense: F32/F16 as stored, BF16 we re-read exactly (mx.load would round
-# it to float16), Q6_K MLX dequantizes to float16.
-_DENSE = {"F32", "F16", "BF16", "Q6_K"}
-# Other types (Q5_*, Q2_K/Q3_K/Q5_K, IQ*) make mx.load fail without naming the tensor; Q4_K it
-# reads, but we have no llama.cpp reference to check that path against, so it is refused too.
+# mx.load returns these dense: F32/F16 as stored; BF16 it rounds to float16, so we re-read it;
+# Q6_K and Q2_K it dequantizes to float16 (checked against llama.cpp's reference dequantizer).
+_DENSE = {"F32", "F16", "BF16", "Q6_K", "Q2_K"}
+# Refused: Q5_*, Q3_K, Q5_K, IQ* make mx.load fail without naming the tensor, and mlx 0.32's
+# Q4_K dequantization does not match llama.cpp's reference (80% error on random blocks).
 
 
 class GGUFError(Exception):
@@ -100,7 +100,14 @@ def load_gguf(
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: no such file")
-    infos = _scan(path)
+    infos, header = _scan(path)
+    arch_name = header.get("general.architecture")
+    arch = _ARCHS.get(arch_name)  # checked before mx.load, which reads every tensor
+    if arch is None:
+        raise GGUFError(
+            f"{path}: architecture {arch_name!r} is not supported "
+            f"(supported: {', '.join(sorted(_ARCHS))})"
+        )
     unsupported = sorted(
         f"{name} ({info.type_name})" for name, info in infos.items()
         if info.type_name not in _QUANT_BITS and info.type_name not in _DENSE
@@ -116,14 +123,6 @@ def load_gguf(
         tensors, meta = mx.load(path, return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise GGUFError(f"{path}: MLX could not read the file ({e})") from e
-
-    arch_name = meta_scalar(meta, "general.architecture")
-    arch = _ARCHS.get(arch_name)
-    if arch is None:
-        raise GGUFError(
-            f"{path}: architecture {arch_name!r} is not supported "
-            f"(supported: {', '.join(sorted(_ARCHS))})"
-        )
     config = _config(path, meta, arch_name, infos)
     params, bits = _params(path, tensors, infos, config, arch, dtype)
     model = _build(path, arch, config, params, bits, tensors.get("rope_freqs.weight"))
@@ -134,8 +133,9 @@ def load_gguf(
     return model, tokenizer, config
 
 
-def _scan(path: str) -> dict[str, _TensorInfo]:
-    """Each tensor's type, shape and data offset, read from the header without loading data."""
+def _scan(path: str) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
+    """Each tensor's type, shape and data offset, and the header's string-valued metadata,
+    read without loading any tensor data."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse_header(path, buf)
@@ -144,7 +144,7 @@ def _scan(path: str) -> dict[str, _TensorInfo]:
         raise GGUFError(f"{path}: truncated or corrupt GGUF header ({e})") from e
 
 
-def _parse_header(path: str, buf: mmap.mmap) -> dict[str, _TensorInfo]:
+def _parse_header(path: str, buf: mmap.mmap) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
     magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
@@ -163,6 +163,7 @@ def _parse_header(path: str, buf: mmap.mmap) -> dict[str, _TensorInfo]:
     # Byte sizes of scalar metadata value types; 8 = string and 9 = array are variable-size.
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
     alignment = 32
+    strings: dict[str, str] = {}
     for _ in range(n_kv):
         key = string()
         (vtype,) = struct.unpack_from("<I", buf, pos)
@@ -170,7 +171,7 @@ def _parse_header(path: str, buf: mmap.mmap) -> dict[str, _TensorInfo]:
         if key == "general.alignment" and vtype == 4:
             (alignment,) = struct.unpack_from("<I", buf, pos)
         if vtype == 8:
-            string()
+            strings[key] = string()
         elif vtype == 9:
             etype, count = struct.unpack_from("<IQ", buf, pos)
             pos += 12
@@ -196,10 +197,11 @@ def _parse_header(path: str, buf: mmap.mmap) -> dict[str, _TensorInfo]:
         pos += 4 + 8 * ndim + 12
         raw.append((name, tuple(reversed(dims)), type_id, offset))
     data_start = -(-pos // alignment) * alignment  # tensor data starts at the next alignment
-    return {
+    infos = {
         name: _TensorInfo(_TYPE_NAMES.get(t, f"type id {t}"), shape, data_start + offset)
         for name, shape, t, offset in raw
     }
+    return infos, strings
 
 
 def _config(

@@ -119,7 +119,10 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
             device=str(mx.default_device()),
         )
     )
-    return _serve(engine, rx, send, load.name)
+    code = _serve(engine, rx, send, load.name)
+    tx.close()  # linger flushes what is queued
+    # Skip interpreter teardown (MLX and tokenizer finalizers): an eviction is waiting on us.
+    os._exit(code)
 
 
 def _serve(engine, rx: zmq.Socket, send, name: str) -> int:

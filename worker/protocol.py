@@ -45,6 +45,7 @@ class Generate(_Msg, tag="gen"):
     min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = []
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, tests), as vLLM's flag
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = {}
 
