@@ -229,6 +229,7 @@ def render_init_yaml() -> str:
         "load_timeout": format_duration(defaults.load_timeout),
         "request_timeout": format_duration(defaults.request_timeout),
         "queue_timeout": format_duration(defaults.queue_timeout),
+        "starvation_timeout": format_duration(defaults.starvation_timeout),
         "max_body_bytes": _format_size(defaults.max_body_bytes),
         "api_key": None,  # never write the environment's key into a file
     }

@@ -102,6 +102,7 @@ class GatewayConfig:
     load_timeout: float = 600.0
     request_timeout: float = 600.0
     queue_timeout: float = 120.0
+    starvation_timeout: float = 10.0
     max_queue: int = 256
     max_body_bytes: int = 16 * 2**20
 
@@ -178,6 +179,8 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "load_timeout": "longest a model load may take",
     "request_timeout": "deadline of one request, queueing included",
     "queue_timeout": "longest a request waits for a load or for room under memory_limit",
+    "starvation_timeout": "after this wait for room, busy models stop taking new requests so "
+    "the waiting model gets its turn",
     "max_queue": "most requests waiting at once across all models; more get 429",
     "max_body_bytes": 'largest request body accepted, e.g. "16MiB"; more gets 413',
 }

@@ -206,6 +206,7 @@ _GATEWAY_CHECKS: dict[str, Check] = {
     "load_timeout": check_timeout,
     "request_timeout": check_timeout,
     "queue_timeout": check_timeout,
+    "starvation_timeout": check_timeout,
     "max_queue": partial(check_int, low=1),
     "max_body_bytes": check_size,
 }

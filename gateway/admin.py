@@ -58,6 +58,11 @@ async def unload(request: web.Request) -> web.Response:
     return web.json_response(handle.snapshot())
 
 
+@routes.get("/api/queue")
+async def queue(request: web.Request) -> web.Response:
+    return web.json_response({"models": request.app[SUPERVISOR].queue()})
+
+
 @routes.get("/api/events")
 async def events(request: web.Request) -> web.Response:
     return web.json_response({"events": list(request.app[SUPERVISOR].events)})

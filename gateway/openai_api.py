@@ -58,25 +58,68 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, req, completion_to_generate(req), chat=False)
 
 
+PROBE_HEADER = "X-MLX-GW-Probe"
+# LiteLLM's background health check sends this prompt (its DEFAULT_HEALTH_CHECK_PROMPT).
+LITELLM_HEALTH_PROMPT = "test from litellm"
+
+
+def is_probe(request: web.Request, req: ChatRequest | CompletionRequest) -> bool:
+    """A health probe: answered by a loaded model, or without loading one."""
+    if request.headers.get(PROBE_HEADER, "").lower() in ("1", "true", "yes"):
+        return True
+    msgs = getattr(req, "messages", None)
+    return (isinstance(msgs, list) and len(msgs) == 1 and msgs[0].get("role") == "user"
+            and msgs[0].get("content") == LITELLM_HEALTH_PROMPT)
+
+
 async def _complete(
     request: web.Request, req: ChatRequest | CompletionRequest, gen: Generate, *, chat: bool
 ) -> web.StreamResponse:
     sup = request.app[SUPERVISOR]
     model = sup.resolve(req.model)
-    async with sup.lease(req.model, keep_alive_param(req.keep_alive)) as handle:
-        deadline = time.monotonic() + sup.config.gateway.request_timeout
-        async with contextlib.aclosing(handle.stream(gen, deadline=deadline)) as deltas:
-            first = await anext(deltas)
-            out = _Shaper(model.name, chat)
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return await _sse(request, out, first, deltas, include_usage)
-            text = [first.text]
-            last = first
-            while last.finish_reason is None:
-                last = await anext(deltas)
-                text.append(last.text)
-            return web.json_response(out.full("".join(text), last))
+    out = _Shaper(model.name, chat)
+    probe = is_probe(request, req)
+    if probe and not sup.is_ready(model.name):
+        return await _probe_answer(request, req, out)
+    sse = _SSE(request, out) if req.stream else None
+    try:
+        async with sup.lease(req.model, keep_alive_param(req.keep_alive),
+                             heartbeat=sse.loading if sse else None, touch=not probe) as handle:
+            deadline = time.monotonic() + sup.config.gateway.request_timeout
+            async with contextlib.aclosing(handle.stream(gen, deadline=deadline)) as deltas:
+                first = await anext(deltas)
+                if sse is not None:
+                    include_usage = bool(req.stream_options and
+                                         req.stream_options.include_usage)
+                    return await sse.relay(first, deltas, include_usage)
+                text = [first.text]
+                last = first
+                while last.finish_reason is None:
+                    last = await anext(deltas)
+                    text.append(last.text)
+                return web.json_response(out.full("".join(text), last))
+    except GatewayError as e:
+        if sse is None or not sse.started:
+            raise
+        return await sse.fail(e)  # headers are gone: the error travels as an event
+
+
+async def _probe_answer(
+    request: web.Request, req: ChatRequest | CompletionRequest, out: _Shaper
+) -> web.StreamResponse:
+    """A probe for a model that is not loaded: answer at once, load nothing."""
+    headers = {PROBE_HEADER: "not-loaded"}
+    empty = Delta(rid=0, finish_reason="stop")
+    if not req.stream:
+        return web.json_response(out.full("", empty), headers=headers)
+    sse = _SSE(request, out)
+    sse.headers.update(headers)
+    return await sse.relay(empty, _no_more(), include_usage=True)
+
+
+async def _no_more() -> AsyncIterator[Delta]:
+    return
+    yield
 
 
 class _Shaper:
@@ -131,32 +174,60 @@ class _Shaper:
         return b"data: " + _json.encode(body) + b"\n\n"
 
 
-async def _sse(
-    request: web.Request,
-    out: _Shaper,
-    first: Delta,
-    deltas: AsyncIterator[Delta],
-    include_usage: bool,
-) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
-    d = first
-    try:
-        if out.chat:
-            await resp.write(out.chunk("", None, role=True))
-        while True:
-            if d.text:
-                await resp.write(out.chunk(d.text, None))
-            if d.finish_reason is not None:
-                await resp.write(out.chunk(None if out.chat else "", d.finish_reason))
-                break
-            d = await anext(deltas)
-        if include_usage:
-            await resp.write(out.usage_chunk(d))
-        await resp.write(b"data: [DONE]\n\n")
-    except GatewayError as e:  # headers are gone: the error travels as an event
-        log.warning("stream for %s failed: %s", out.model, e.message)
+class _SSE:
+    """One SSE response, opened lazily: by the first keepalive while the model loads, or by
+    the first delta."""
+
+    def __init__(self, request: web.Request, out: _Shaper) -> None:
+        self.request = request
+        self.out = out
+        self.headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no"}
+        self.resp: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.resp is not None
+
+    async def _open(self) -> web.StreamResponse:
+        if self.resp is None:
+            self.resp = web.StreamResponse(headers=self.headers)
+            await self.resp.prepare(self.request)
+        return self.resp
+
+    async def loading(self) -> None:
+        """Keepalive comment while the request waits for its model (LiteLLM and proxies
+        would otherwise time out or put the deployment on cooldown)."""
+        resp = await self._open()
+        await resp.write(f": loading model {self.out.model}\n\n".encode())
+
+    async def relay(
+        self, first: Delta, deltas: AsyncIterator[Delta], include_usage: bool
+    ) -> web.StreamResponse:
+        resp = await self._open()
+        out = self.out
+        d = first
+        try:
+            if out.chat:
+                await resp.write(out.chunk("", None, role=True))
+            while True:
+                if d.text:
+                    await resp.write(out.chunk(d.text, None))
+                if d.finish_reason is not None:
+                    await resp.write(out.chunk(None if out.chat else "", d.finish_reason))
+                    break
+                d = await anext(deltas)
+            if include_usage:
+                await resp.write(out.usage_chunk(d))
+            await resp.write(b"data: [DONE]\n\n")
+        except GatewayError as e:
+            return await self.fail(e)
+        await resp.write_eof()
+        return resp
+
+    async def fail(self, e: GatewayError) -> web.StreamResponse:
+        log.warning("stream for %s failed: %s", self.out.model, e.message)
+        resp = await self._open()
         await resp.write(b"data: " + _json.encode(e.openai_body()) + b"\n\n")
-    await resp.write_eof()
-    return resp
+        await resp.write_eof()
+        return resp

@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from config import UNSET, Config, ModelConfig
-from gateway.errors import NotFound, Unavailable
+from gateway.errors import NotFound, QueueFull, Unavailable
 from gateway.memory import DEFAULT_BASELINE_BYTES, estimate_bytes
 from gateway.worker_handle import State, WorkerHandle
 from gateway.worker_process import WorkerGone, WorkerProcess
@@ -35,6 +36,8 @@ log = logging.getLogger("mlxgw.supervisor")
 SPAWN_TIMEOUT_S = 120.0  # interpreter start + `import mlx` on a cold, busy machine
 EVENTS_KEPT = 1000
 REAPER_TICK_S = 1.0  # how often measured memory is checked against the ceiling
+KEEPALIVE_S = 2.0  # SSE comment interval while a streaming request waits for its model
+KEEPALIVE_FIRST_S = 0.5  # the first one comes sooner: a client sees at once that it waits
 MiB = 2**20
 
 LOADED = (State.STARTING, State.READY, State.DRAINING)
@@ -57,6 +60,8 @@ class Supervisor:
         self._baseline = DEFAULT_BASELINE_BYTES
         self._spare: asyncio.Task[WorkerProcess] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._lease_ids = itertools.count(1)
+        self._starving: dict[str, float] = {}  # model -> since when its load waits for room
 
     async def start(self) -> None:
         """Background work: the reaper, the warm spare, and pinned models' loads."""
@@ -99,24 +104,112 @@ class Supervisor:
         return h
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, keep_alive: Any = UNSET) -> AsyncIterator[WorkerHandle]:
-        """Yields the model's ready worker, held in use until the block exits. `keep_alive`
-        (seconds, None = never, UNSET = keep the model's current setting) applies from the
-        end of this request. Raises NotFound, LoadFailed, Unavailable."""
+    async def lease(
+        self,
+        name: str,
+        keep_alive: Any = UNSET,
+        *,
+        heartbeat: Callable[[], Awaitable[None]] | None = None,
+        touch: bool = True,
+    ) -> AsyncIterator[WorkerHandle]:
+        """Yields the model's ready worker, held in use until the block exits.
+
+        `keep_alive` (seconds, None = never, UNSET = keep the model's setting) applies from the
+        end of this request; `touch=False` (health probes) leaves expiry and LRU order alone.
+        While the request waits, `heartbeat` is awaited every KEEPALIVE_S. Blocks on the hold
+        (another model's turn), then on the load; raises NotFound, QueueFull, LoadFailed,
+        Unavailable."""
         h = self.handle(self.resolve(name))
-        if keep_alive is not UNSET:
-            h.keep_alive = keep_alive
-        h.active += 1
+        self._check_queue(h)
+        lid = next(self._lease_ids)
+        h.tickets[lid] = (time.monotonic(), "held")
+        h.held += 1
         self._idle.clear()
+        phase = "held"
         try:
-            await h.ensure_ready()
+            await self._waiting(self._hold(h), heartbeat)
+            h.held -= 1
+            h.loading += 1
+            phase = "loading"
+            h.tickets[lid] = (h.tickets[lid][0], phase)
+            if keep_alive is not UNSET and touch:
+                h.keep_alive = keep_alive
+            await self._waiting(h.ensure_ready(), heartbeat)
+            h.loading -= 1
+            h.running += 1
+            phase = "running"
+            h.tickets[lid] = (h.tickets[lid][0], phase)
             yield h
         finally:
-            h.active -= 1
-            h.last_used = time.monotonic()
-            self._touch(h)
+            setattr(h, phase, getattr(h, phase) - 1)
+            del h.tickets[lid]
+            if touch:
+                h.last_used = time.monotonic()
+                self._touch(h)
+            else:
+                self._pulse()
             if not self.in_flight():
                 self._idle.set()
+
+    def _check_queue(self, h: WorkerHandle) -> None:
+        if h.queued >= h.model.max_queue:
+            raise QueueFull(f"Too many requests waiting for model '{h.model.name}' "
+                            f"({h.queued}; max_queue {h.model.max_queue}); retry shortly",
+                            retry_after=2)
+        total = sum(o.queued for o in self._handles.values())
+        if total >= self.config.gateway.max_queue:
+            raise QueueFull(f"Too many requests waiting across all models ({total}; "
+                            f"gateway.max_queue {self.config.gateway.max_queue})",
+                            retry_after=2)
+
+    @staticmethod
+    async def _waiting(aw: Awaitable[None], heartbeat: Callable[[], Awaitable[None]] | None):
+        if heartbeat is None:
+            return await aw
+        task = asyncio.ensure_future(aw)
+        try:
+            interval = KEEPALIVE_FIRST_S
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    return task.result()
+                await heartbeat()
+                interval = KEEPALIVE_S
+        finally:
+            task.cancel()
+
+    async def _hold(self, h: WorkerHandle) -> None:
+        """Hold a new request for a resident model while another model has starved for room
+        longer than starvation_timeout, so this one drains and the other gets its turn
+        (bounded by queue_timeout; then it goes ahead)."""
+        gw = self.config.gateway
+        deadline = time.monotonic() + gw.queue_timeout
+        while h.state is State.READY and not h.model.pin and time.monotonic() < deadline:
+            now = time.monotonic()
+            if not any(n != h.model.name and now - since >= gw.starvation_timeout
+                       for n, since in self._starving.items()):
+                return
+            change = self._change
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), deadline - now)
+
+    def queue(self) -> dict[str, list[dict[str, Any]]]:
+        now = time.monotonic()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for h in self._handles.values():
+            rows = sorted(h.tickets.items(), key=lambda kv: kv[1][0])
+            running = 0
+            entries = []
+            for lid, (since, phase) in rows:
+                if phase == "running":
+                    running += 1
+                    if running <= h.model.max_batch:
+                        continue
+                    phase = "queued_in_batch"
+                entries.append({"id": lid, "age_s": round(now - since, 3), "phase": phase})
+            if entries:
+                out[h.model.name] = entries
+        return out
 
     def _touch(self, h: WorkerHandle) -> None:
         """Recompute a model's expiry after use; keep_alive 0 unloads once it is idle."""
@@ -184,13 +277,20 @@ class Supervisor:
             return max(h.estimate_bytes, h.memory_bytes)
         return h.memory_bytes or self._measured.get(h.model.name) or h.estimate_bytes
 
+    @staticmethod
+    def _holds_room(h: WorkerHandle) -> bool:
+        """Counts against the ceiling: loaded, stopping, or starting past admission (a load
+        still waiting for room holds none)."""
+        return h.state in (State.READY, State.DRAINING) or (
+            h.state is State.STARTING and h.admitted)
+
     def resident_bytes(self) -> int:
-        return sum(self._footprint(h) for h in self._handles.values() if h.state in LOADED)
+        return sum(self._footprint(h) for h in self._handles.values() if self._holds_room(h))
 
     def _usage_report(self) -> str:
         rows = [f"{h.model.name} {self._footprint(h) / MiB:.0f} MiB ({h.active} in flight"
                 + (", pinned)" if h.model.pin else ")")
-                for h in self._handles.values() if h.state in LOADED]
+                for h in self._handles.values() if self._holds_room(h)]
         return "; ".join(rows) or "nothing"
 
     async def _admit(self, h: WorkerHandle) -> None:
@@ -203,14 +303,22 @@ class Supervisor:
                               f"than the whole memory_limit ({self.ceiling / MiB:.0f} MiB); it "
                               "cannot be loaded on this gateway", code="model_too_large")
         deadline = time.monotonic() + gw.queue_timeout
+        try:
+            await self._make_room(h, need, deadline)
+        finally:
+            self._starving.pop(h.model.name, None)
+
+    async def _make_room(self, h: WorkerHandle, need: int, deadline: float) -> None:
+        gw = self.config.gateway
         while True:
             change = self._change
             async with self._admission:
-                others = [o for o in self._handles.values() if o is not h and o.state in LOADED]
+                others = [o for o in self._handles.values() if o is not h and self._holds_room(o)]
                 over = sum(self._footprint(o) for o in others) + need - self.ceiling
                 extra = len(others) + 1 - gw.max_loaded_models if gw.max_loaded_models else 0
                 if over <= 0 and extra <= 0:
                     h.estimate_bytes = need
+                    h.admitted = True
                     return
                 idle = sorted((o for o in others if o.state is State.READY and o.active == 0
                                and not o.model.pin), key=lambda o: o.last_used)
@@ -227,6 +335,7 @@ class Supervisor:
                              for v in victims]
                     await asyncio.gather(*(t for t in tasks if t is not None))
                     continue
+            self._starving.setdefault(h.model.name, time.monotonic())
             left = deadline - time.monotonic()
             if left <= 0:
                 reason = ("max_loaded_models" if extra > 0 else
@@ -276,11 +385,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ reporting
 
+    def is_ready(self, name: str) -> bool:
+        h = self._handles.get(self.resolve(name).name)
+        return h is not None and h.state is State.READY
+
     def ps(self) -> list[dict[str, Any]]:
         return [h.snapshot() for h in self._handles.values() if h.state in LOADED]
 
     def in_flight(self) -> int:
-        return sum(h.active for h in self._handles.values())
+        return sum(h.held + h.active for h in self._handles.values())
 
     def _on_event(self, h: WorkerHandle, kind: str, details: dict[str, Any]) -> None:
         event = {"type": kind, "time": time.time(), "model": h.model.name, **details}

@@ -77,7 +77,11 @@ class WorkerHandle:
         self._crashed = False
         self.error: str | None = None
         # Figures for /api/ps and the supervisor.
-        self.active = 0  # requests holding a lease on this worker (in flight or about to be)
+        # Requests by phase: held back (another model's turn), waiting for the load, running.
+        self.held = 0
+        self.loading = 0
+        self.running = 0
+        self.tickets: dict[int, tuple[float, str]] = {}  # lease id -> (since, phase)
         self.memory_bytes = 0
         self.worker_in_flight = 0
         self.context_length = 0
@@ -86,6 +90,17 @@ class WorkerHandle:
         self.expires_at: float | None = None  # wall-clock; None = never by time
         self.keep_alive: float | None = None  # seconds, set by the latest request; None = never
         self.estimate_bytes = 0  # admission estimate while starting
+        self.admitted = False  # a load in progress has been given room under the ceiling
+
+    @property
+    def active(self) -> int:
+        """Requests that hold this worker in use (loading or running): never evicted under."""
+        return self.loading + self.running
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for this model: held, waiting for its load, or beyond max_batch."""
+        return self.held + self.loading + max(0, self.running - self.model.max_batch)
 
     @property
     def pid(self) -> int | None:
@@ -121,6 +136,7 @@ class WorkerHandle:
         self._emit("restart" if self._crashed else "load")
         t0 = time.monotonic()
         wp: WorkerProcess | None = None
+        self.admitted = False
         try:
             await self._admit(self)  # waits (bounded) for room under the ceiling
         except BaseException:
@@ -319,7 +335,8 @@ class WorkerHandle:
             "size": self.memory_bytes,
             "size_vram": 0,
             "expires_at": _iso(self.expires_at),
-            "in_flight": self.active,
+            "in_flight": min(self.running, self.model.max_batch),
+            "queued": self.queued,
             "worker_in_flight": self.worker_in_flight,
             "context_length": self.context_length,
             "loaded_at": _iso(self.loaded_at),

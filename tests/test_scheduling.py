@@ -1,0 +1,153 @@
+"""Swap-aware scheduling and LiteLLM-friendly behaviour under load (real gateway, tiny models)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import GatewayProc, wait_for
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def models(tiny_dir: Path, n: int = 3, **kw) -> dict[str, dict]:
+    return {f"m{i}": {"type": "llm", "path": str(tiny_dir / f"tiny-{i}"), **kw}
+            for i in range(n)}
+
+
+def events(gw: GatewayProc, kind: str) -> list[dict]:
+    return [e for e in httpx.get(gw.url + "/api/events").json()["events"] if e["type"] == kind]
+
+
+def _interleaved_run(gw: GatewayProc) -> tuple[int, float]:
+    """60 requests from 6 clients, each client cycling through the three models."""
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    waits: list[float] = []
+
+    def client(i: int) -> None:
+        for k in range(10):
+            model = f"m{(i + k) % 3}"
+            t0 = time.monotonic()
+            r = c.chat.completions.create(model=model, messages=MSG, max_tokens=8)
+            waits.append(time.monotonic() - t0)
+            assert r.model == model and r.usage.completion_tokens >= 1
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        list(pool.map(client, range(6)))  # a failed request raises here
+    assert len(waits) == 60
+    return len(events(gw, "load")), max(waits)
+
+
+def test_interleaved_models_are_grouped_not_thrashed(start_gateway, tiny_dir: Path) -> None:
+    runs = {}
+    for label, starve in (("grouped", "2s"), ("swap-asap", "1ms")):
+        gw = start_gateway({"gateway": {"max_loaded_models": 1, "starvation_timeout": starve},
+                            "models": models(tiny_dir)})
+        runs[label] = _interleaved_run(gw)
+        gw.stop()
+    (grouped, wait_g), (asap, wait_a) = runs["grouped"], runs["swap-asap"]
+    print(f"\nswaps for 60 requests: grouped {grouped} ({grouped / 60:.2f}/request, max wait "
+          f"{wait_g:.2f}s); swapping as soon as another model waits {asap} "
+          f"({asap / 60:.2f}/request, max wait {wait_a:.2f}s)")
+    assert grouped <= asap
+    assert grouped <= 20  # at most one swap per three requests: requests ride along a load
+    assert wait_g < 2 + 15  # starvation bound, plus draining a batch and one load, with slack
+
+
+def test_max_queue_overflow_is_429(start_gateway, tiny_dir: Path) -> None:
+    cfg = models(tiny_dir, 1, max_batch=1, max_queue=2)
+    cfg["m0"]["path"] = str(tiny_dir / "tiny-long")
+    gw = start_gateway({"models": cfg})
+    body = {"model": "m0", "messages": MSG, "max_tokens": 3000, "ignore_eos": True}
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=120) as http:
+            first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            await asyncio.to_thread(wait_for, lambda: gw.ps() and gw.ps()[0]["in_flight"] == 1)
+            queued = [asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                      for _ in range(2)]
+            await asyncio.to_thread(wait_for, lambda: gw.ps()[0]["queued"] == 2)
+            q = (await http.get("/api/queue")).json()["models"]["m0"]
+            assert [e["phase"] for e in q] == ["queued_in_batch"] * 2
+            over = await http.post("/v1/chat/completions", json=body)
+            assert over.status_code == 429 and "Retry-After" in over.headers
+            assert over.json()["error"]["code"] == "queue_full"
+            for t in (first, *queued):
+                t.cancel()
+            return [over.status_code]
+
+    assert asyncio.run(run()) == [429]
+
+
+def test_stream_to_cold_model_gets_keepalive_comments(start_gateway, tiny_dir: Path) -> None:
+    gw = start_gateway({"gateway": {"warm_spare": False}, "models": models(tiny_dir, 1)})
+    body = {"model": "m0", "messages": MSG, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert first_data > 0 and lines[0] == ": loading model m0"
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_overlong_prompt_is_context_length_exceeded(gateway: GatewayProc) -> None:
+    r = httpx.post(gateway.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "tiny-0", "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "go " * 1000}]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "512" in err["message"]
+
+
+def test_probe_header_does_not_load_a_model(start_gateway, tiny_dir: Path) -> None:
+    gw = start_gateway({"models": models(tiny_dir, 1)})
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"X-MLX-GW-Probe": "1"},
+                   json={"model": "m0", "messages": MSG, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 200 and r.headers["X-MLX-GW-Probe"] == "not-loaded"
+    assert gw.ps() == [] and events(gw, "load") == []
+    assert httpx.get(gw.url + "/ready").json()["status"] == "ready"
+
+
+def test_litellm_health_check_does_not_load_a_model(start_gateway, tiny_dir: Path) -> None:
+    """LiteLLM's health check (litellm.ahealth_check, which needs the proxy extras) sends a chat
+    completion with its DEFAULT_HEALTH_CHECK_PROMPT: the same request, through litellm."""
+    litellm = pytest.importorskip("litellm")
+    from litellm.constants import DEFAULT_HEALTH_CHECK_PROMPT
+
+    gw = start_gateway({"models": models(tiny_dir, 1)})
+    r = litellm.completion(model="openai/m0", api_base=gw.url + "/v1", api_key="x",
+                           messages=[{"role": "user", "content": DEFAULT_HEALTH_CHECK_PROMPT}],
+                           max_tokens=1)
+    assert r.choices[0].finish_reason == "stop"
+    assert gw.ps() == [] and events(gw, "load") == []
+    # Once the model is loaded, the probe is answered by it, without touching its expiry.
+    httpx.post(gw.url + "/api/load", json={"model": "m0"}, timeout=60)
+    before = gw.ps()[0]["expires_at"]
+    r = litellm.completion(model="openai/m0", api_base=gw.url + "/v1", api_key="x",
+                           messages=[{"role": "user", "content": DEFAULT_HEALTH_CHECK_PROMPT}],
+                           max_tokens=1)
+    assert r.usage.completion_tokens == 1
+    assert gw.ps()[0]["expires_at"] == before
+
+
+def test_litellm_router_rides_out_a_cold_load(start_gateway, tiny_dir: Path) -> None:
+    litellm = pytest.importorskip("litellm")
+    gw = start_gateway({"gateway": {"warm_spare": False}, "models": models(tiny_dir, 1)})
+    router = litellm.Router(model_list=[{"model_name": "tiny", "litellm_params": {
+        "model": "openai/m0", "api_base": gw.url + "/v1", "api_key": "x"}}],
+        num_retries=0, allowed_fails=0, cooldown_time=30)
+
+    async def many() -> list:
+        return await asyncio.gather(*(router.acompletion(model="tiny", messages=MSG,
+                                                         max_tokens=2) for _ in range(6)))
+
+    results = asyncio.run(many())
+    assert all(r.usage.completion_tokens >= 1 for r in results)
+    assert len(events(gw, "load")) == 1
