@@ -48,8 +48,9 @@ _QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 # mx.load returns these dense: F32/F16 as stored; BF16 it rounds to float16, so we re-read it;
 # Q6_K and Q2_K it dequantizes to float16 (checked against llama.cpp's reference dequantizer).
 _DENSE = {"F32", "F16", "BF16", "Q6_K", "Q2_K"}
-# Refused: Q5_*, Q3_K, Q5_K, IQ* make mx.load fail without naming the tensor, and mlx 0.32's
-# Q4_K dequantization does not match llama.cpp's reference (80% error on random blocks).
+# Refused: Q5_*, Q3_K, Q5_K, IQ* make mx.load fail without naming the tensor, and mlx 0.32
+# dequantizes Q4_K wrongly (each odd 32-weight sub-block gets its even neighbour's scale and
+# min; compared with llama.cpp's reference dequantizer).
 
 
 class GGUFError(Exception):
@@ -64,7 +65,8 @@ class _Arch:
     permuted_qk: bool
 
 
-# Mistral and Mixtral-free Mistral derivatives are written with general.architecture = llama.
+# Mistral 7B-style files say general.architecture = llama (their Q/K rows are interleaved too),
+# so they load as llama; "mistral3", MoE and other variants are refused.
 _ARCHS = {"llama": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
           "qwen3": _Arch("qwen3", False)}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -114,7 +116,7 @@ def load_gguf(
     )
     if unsupported:
         raise GGUFError(
-            f"{path}: {len(unsupported)} tensor(s) use a type MLX cannot load, e.g. "
+            f"{path}: {len(unsupported)} tensor(s) use a type this loader does not support, e.g. "
             f"{', '.join(unsupported[:3])}; supported types are "
             f"{', '.join(sorted({*_QUANT_BITS, *_DENSE}))} (re-quantize the file, e.g. "
             "`llama-quantize --allow-requantize IN.gguf OUT.gguf Q8_0`)"
@@ -123,13 +125,17 @@ def load_gguf(
         tensors, meta = mx.load(path, return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise GGUFError(f"{path}: MLX could not read the file ({e})") from e
-    config = _config(path, meta, arch_name, infos)
-    params, bits = _params(path, tensors, infos, config, arch, dtype)
-    model = _build(path, arch, config, params, bits, tensors.get("rope_freqs.weight"))
     try:
         tokenizer = build_tokenizer(meta)
     except VocabError as e:
         raise GGUFError(f"{path}: {e}") from e
+    try:
+        config = _config(path, meta, arch_name, infos)
+        params, bits = _params(path, tensors, infos, config, arch, dtype)
+        model = _build(path, arch, config, params, bits, tensors.get("rope_freqs.weight"))
+    except (TypeError, ValueError, KeyError) as e:
+        # Hyper-parameters of the wrong type, or tensors whose shapes contradict them.
+        raise GGUFError(f"{path}: inconsistent {arch_name} model ({e!r})") from e
     return model, tokenizer, config
 
 
@@ -359,6 +365,8 @@ def _build(
             ),
         )
     if rope_factors is not None:
+        if rope_factors.shape != (config["head_dim"] // 2,):
+            raise GGUFError(f"{path}: rope_freqs.weight has shape {rope_factors.shape}")
         for layer in model.layers:
             layer.self_attn.rope = _FreqFactorRoPE(
                 config["head_dim"], config["rope_theta"], rope_factors
