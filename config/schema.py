@@ -21,6 +21,13 @@ from config.durations import parse_bytes
 ModelType = Literal["llm", "vlm", "embedding", "tts", "stt"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+# Tool-call formats the gateway parses: its own, then mlx-lm's (mlx_lm.tool_parsers).
+TOOL_PARSERS: tuple[str, ...] = (
+    "auto", "none", "hermes", "llama3_json", "mistral",
+    *(f"mlx_lm:{n}" for n in ("function_gemma", "gemma4", "glm47", "kimi_k2", "longcat",
+                              "minimax_m2", "pythonic", "qwen3_coder")),
+)
+REASONING_PARSERS: tuple[str, ...] = ("auto", "none", "think")
 
 ENV_API_KEY = "MLX_GW_API_KEY"
 ENV_CONFIG = "MLX_GW_CONFIG"
@@ -105,6 +112,7 @@ class GatewayConfig:
     starvation_timeout: float = 10.0
     max_queue: int = 256
     max_body_bytes: int = 16 * 2**20
+    remote_images: bool = True  # fetch http(s) image URLs for vlm models
 
     def __post_init__(self) -> None:
         if self.memory_limit <= 0:
@@ -127,6 +135,8 @@ class ModelConfig:
     max_queue: int = 64
     dtype: str = "auto"
     context_length: int | None = None
+    tool_parser: str = "auto"
+    reasoning_parser: str | tuple[str, str] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -183,6 +193,7 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "the waiting model gets its turn",
     "max_queue": "most requests waiting at once across all models; more get 429",
     "max_body_bytes": 'largest request body accepted, e.g. "16MiB"; more gets 413',
+    "remote_images": "fetch http(s) image URLs in vlm chat requests; false = only data: URLs",
 }
 MODEL_KEY_DOCS: dict[str, str] = {
     "type": "llm | vlm | embedding | tts | stt",
@@ -194,5 +205,8 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "max_queue": "most requests waiting for this model (while it loads too); more get 429",
     "dtype": "weight dtype on load: auto | float32 | float16 | bfloat16 (CPU wants float32)",
     "context_length": "override of the model's own context window, in tokens",
+    "tool_parser": "tool-call format: auto (from the chat template) | none | hermes | "
+    "llama3_json | mistral | mlx_lm:NAME",
+    "reasoning_parser": 'thinking markers: auto | none | think | ["<start>", "<end>"]',
 }
 REQUIRED_MODEL_KEYS: tuple[str, ...] = ("type", "path")

@@ -27,6 +27,7 @@ from config.fields import (
     check_int,
     check_memory_limit,
     check_names,
+    check_reasoning_parser,
     check_size,
     check_str,
     check_timeout,
@@ -40,6 +41,7 @@ from config.schema import (
     MODEL_KEY_DOCS,
     MODEL_TYPES,
     REQUIRED_MODEL_KEYS,
+    TOOL_PARSERS,
     TOP_LEVEL_DOCS,
     Config,
     ConfigError,
@@ -209,6 +211,7 @@ _GATEWAY_CHECKS: dict[str, Check] = {
     "starvation_timeout": check_timeout,
     "max_queue": partial(check_int, low=1),
     "max_body_bytes": check_size,
+    "remote_images": check_bool,
 }
 _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the file's context
     "type": partial(check_choice, choices=MODEL_TYPES),
@@ -219,6 +222,8 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "max_queue": partial(check_int, low=1),
     "dtype": partial(check_choice, choices=DTYPES),
     "context_length": optional(partial(check_int, low=1)),
+    "tool_parser": partial(check_choice, choices=TOOL_PARSERS),
+    "reasoning_parser": check_reasoning_parser,
 }
 
 

@@ -1,4 +1,5 @@
-"""Admin and probe routes: /health, /ready, /api/ps, /api/load, /api/unload."""
+"""Admin and probe routes: /health, /ready, /api/ps, /api/load, /api/unload, /api/queue,
+/api/pin. (/api/events is in gateway.events.)"""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ async def queue(request: web.Request) -> web.Response:
     return web.json_response({"models": request.app[SUPERVISOR].queue()})
 
 
-@routes.get("/api/events")
-async def events(request: web.Request) -> web.Response:
-    return web.json_response({"events": list(request.app[SUPERVISOR].events)})
+class _PinBody(msgspec.Struct):
+    model: str
+    pin: bool = True
+
+
+@routes.post("/api/pin")
+async def pin(request: web.Request) -> web.Response:
+    """Pin or unpin a model at runtime (until restart); loads nothing."""
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=_PinBody)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise BadRequest(f"Invalid request: {e}", param="model") from None
+    h = request.app[SUPERVISOR].pin(body.model, body.pin)
+    return web.json_response({"name": h.model.name, "pinned": h.model.pin,
+                              "state": h.state.value, "expires_at": h.snapshot()["expires_at"]})

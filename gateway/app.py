@@ -19,7 +19,17 @@ from pathlib import Path
 from aiohttp import web
 
 from config import Config
-from gateway import admin, openai_api
+from gateway import (
+    admin,
+    anthropic_api,
+    audio_api,
+    dashboard,
+    embeddings_api,
+    events,
+    metrics,
+    models_admin,
+    openai_api,
+)
 from gateway.blas import fast_blas_env
 from gateway.errors import (
     BadRequest,
@@ -88,6 +98,8 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         auth = request.headers.get("Authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else \
             request.headers.get("x-api-key", "")
+        if not given and request.path == "/dashboard":
+            given = request.query.get("key", "")  # a browser's first visit; the page has no data
         if not given or not hmac.compare_digest(given.encode(), gw.api_key.encode()):
             raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'")
     if sup.draining and request.path.startswith(("/v1", "/api")):
@@ -108,12 +120,19 @@ def worker_env() -> dict[str, str]:
 def build_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.gateway.max_body_bytes,
-        middlewares=[error_middleware, guard_middleware],
+        middlewares=[metrics.metrics_middleware, error_middleware, guard_middleware],
     )
     ipc_dir = Path(tempfile.mkdtemp(prefix="mlxgw-"))
     app[SUPERVISOR] = Supervisor(config, ipc_dir=ipc_dir, worker_env=worker_env())
+    metrics.install(app)
+    events.install(app)
     app.add_routes(openai_api.routes)
+    app.add_routes(anthropic_api.routes)
+    app.add_routes(embeddings_api.routes)
+    app.add_routes(audio_api.routes)
     app.add_routes(admin.routes)
+    app.add_routes(models_admin.routes)
+    app.add_routes(dashboard.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[SUPERVISOR].start()

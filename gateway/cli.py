@@ -1,5 +1,5 @@
 """`mlx-gw` command line: init, start (daemon or --foreground), stop, status, ps, logs,
-load, unload.
+load, unload (and, from gateway.cli_admin, events, models, pull).
 
 State lives under $MLX_GW_HOME (default ~/.mlx-gw): `gateway.json` (pid, url of the running
 gateway) and `gateway.log`. The daemon is this same program run with --foreground in a new
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("unload", help="unload a model now")
     s.add_argument("name")
     s.set_defaults(func=cmd_unload)
+    from gateway import cli_admin
+
+    cli_admin.add_commands(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from gateway import metrics, vision
+from gateway.chat_stream import merged
 from gateway.errors import GatewayError
+from gateway.openai_shape import Shaper as _Shaper
 from gateway.schemas import (
     ChatRequest,
     CompletionRequest,
-    chat_to_generate,
     completion_to_generate,
     decode,
+    fan_out,
     keep_alive_param,
 )
 from gateway.state import SUPERVISOR
@@ -49,7 +50,8 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = decode(await request.read(), ChatRequest)
-    return await _complete(request, req, chat_to_generate(req), chat=True)
+    # vision.chat_generate: image parts for vlm models, 400 for kinds that do not chat
+    return await _complete(request, req, await vision.chat_generate(request, req), chat=True)
 
 
 @routes.post("/v1/completions")
@@ -77,7 +79,13 @@ async def _complete(
 ) -> web.StreamResponse:
     sup = request.app[SUPERVISOR]
     model = sup.resolve(req.model)
-    out = _Shaper(model.name, chat)
+    timer = metrics.current()
+    if timer is not None:
+        timer.model = model.name
+    gen.tool_parser = model.tool_parser
+    gen.reasoning_parser = list(model.reasoning_parser) \
+        if isinstance(model.reasoning_parser, tuple) else model.reasoning_parser
+    out = _Shaper(model.name, chat, tools=gen.tools, n=req.n)
     probe = is_probe(request, req)
     if probe and not sup.is_ready(model.name):
         return await _probe_answer(request, req, out)
@@ -86,18 +94,19 @@ async def _complete(
         async with sup.lease(req.model, keep_alive_param(req.keep_alive),
                              heartbeat=sse.loading if sse else None, touch=not probe) as handle:
             deadline = time.monotonic() + sup.config.gateway.request_timeout
-            async with contextlib.aclosing(handle.stream(gen, deadline=deadline)) as deltas:
+            observe = timer.delta if timer is not None else None
+            async with contextlib.aclosing(merged(handle, fan_out(gen, req.n),
+                                                  deadline=deadline,
+                                                  observe=observe)) as deltas:
                 first = await anext(deltas)
                 if sse is not None:
                     include_usage = bool(req.stream_options and
                                          req.stream_options.include_usage)
                     return await sse.relay(first, deltas, include_usage)
-                text = [first.text]
-                last = first
-                while last.finish_reason is None:
-                    last = await anext(deltas)
-                    text.append(last.text)
-                return web.json_response(out.full("".join(text), last))
+                out.add(*first)
+                while not out.done:
+                    out.add(*await anext(deltas))
+                return web.json_response(out.full())
     except GatewayError as e:
         if sse is None or not sse.started:
             raise
@@ -109,69 +118,19 @@ async def _probe_answer(
 ) -> web.StreamResponse:
     """A probe for a model that is not loaded: answer at once, load nothing."""
     headers = {PROBE_HEADER: "not-loaded"}
-    empty = Delta(rid=0, finish_reason="stop")
+    out = _Shaper(out.model, out.chat)
+    empty = (0, Delta(rid=0, finish_reason="stop"))
     if not req.stream:
-        return web.json_response(out.full("", empty), headers=headers)
+        out.add(*empty)
+        return web.json_response(out.full(), headers=headers)
     sse = _SSE(request, out)
     sse.headers.update(headers)
     return await sse.relay(empty, _no_more(), include_usage=True)
 
 
-async def _no_more() -> AsyncIterator[Delta]:
+async def _no_more() -> AsyncIterator[tuple[int, Delta]]:
     return
     yield
-
-
-class _Shaper:
-    """Builds OpenAI response objects for one request."""
-
-    def __init__(self, model: str, chat: bool) -> None:
-        self.model = model
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(d: Delta) -> dict[str, int]:
-        return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                "total_tokens": d.prompt_tokens + d.completion_tokens}
-
-    def full(self, text: str, last: Delta) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": last.finish_reason}
-            body = self._base("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": last.finish_reason}
-            body = self._base("text_completion")
-        body["choices"] = [choice]
-        body["usage"] = self.usage(last)
-        return body
-
-    def chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> bytes:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            body = self._base("chat.completion.chunk")
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            body = self._base("text_completion")
-        body["choices"] = [choice]
-        return b"data: " + _json.encode(body) + b"\n\n"
-
-    def usage_chunk(self, last: Delta) -> bytes:
-        body = self._base("chat.completion.chunk" if self.chat else "text_completion")
-        body["choices"] = []
-        body["usage"] = self.usage(last)
-        return b"data: " + _json.encode(body) + b"\n\n"
 
 
 class _SSE:
@@ -202,23 +161,24 @@ class _SSE:
         await resp.write(f": loading model {self.out.model}\n\n".encode())
 
     async def relay(
-        self, first: Delta, deltas: AsyncIterator[Delta], include_usage: bool
+        self, first: tuple[int, Delta], deltas: AsyncIterator[tuple[int, Delta]],
+        include_usage: bool
     ) -> web.StreamResponse:
         resp = await self._open()
         out = self.out
-        d = first
+        item = first
         try:
             if out.chat:
-                await resp.write(out.chunk("", None, role=True))
+                await resp.write(out.start_chunks())
             while True:
-                if d.text:
-                    await resp.write(out.chunk(d.text, None))
-                if d.finish_reason is not None:
-                    await resp.write(out.chunk(None if out.chat else "", d.finish_reason))
+                chunk = out.chunks(*item)
+                if chunk:
+                    await resp.write(chunk)
+                if out.done:
                     break
-                d = await anext(deltas)
+                item = await anext(deltas)
             if include_usage:
-                await resp.write(out.usage_chunk(d))
+                await resp.write(out.usage_chunk())
             await resp.write(b"data: [DONE]\n\n")
         except GatewayError as e:
             return await self.fail(e)
@@ -227,6 +187,9 @@ class _SSE:
 
     async def fail(self, e: GatewayError) -> web.StreamResponse:
         log.warning("stream for %s failed: %s", self.out.model, e.message)
+        timer = metrics.current()
+        if timer is not None:
+            timer.failed(e.status)
         resp = await self._open()
         await resp.write(b"data: " + _json.encode(e.openai_body()) + b"\n\n")
         await resp.write_eof()

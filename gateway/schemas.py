@@ -7,6 +7,7 @@ parameter.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ from gateway.errors import BadRequest
 from worker.protocol import Generate
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class StreamOptions(msgspec.Struct):
@@ -38,17 +41,28 @@ class _Sampling(msgspec.Struct, kw_only=True):
     keep_alive: str | int | float | None = None
     user: str | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class ChatRequest(_Sampling, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any]  # a string, token ids, or a one-element list of strings
     echo: bool = False
+    logprobs: int | None = None  # the legacy API's count of alternatives per token
 
 
 T = TypeVar("T", bound=_Sampling)
@@ -91,8 +105,14 @@ def _check_sampling(req: _Sampling, max_tokens: int | None) -> None:
         raise BadRequest("min_p must be in [0, 1]", param="min_p")
     if req.top_k is not None and req.top_k < 0:
         raise BadRequest("top_k must be >= 0", param="top_k")
-    if req.n != 1:
-        raise BadRequest("only n=1 is supported", param="n")
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise BadRequest(f"n must be between 1 and {MAX_CHOICES}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise BadRequest(f"{name} must be between -2 and 2", param=name)
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise BadRequest("repetition_penalty must be in (0, 10]", param="repetition_penalty")
     stops = _stops(req.stop)
     if len(stops) > 16:
         raise BadRequest("at most 16 stop sequences are allowed", param="stop")
@@ -104,8 +124,24 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise BadRequest("logit_bias values must be between -100 and 100",
+                             param="logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
 def _sampling_fields(req: _Sampling, max_tokens: int | None) -> dict[str, Any]:
     return {
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logit_bias": _logit_bias(req.logit_bias),
         "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
@@ -154,20 +190,128 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         msg = dict(m)
         msg["role"] = "system" if role == "developer" else role
         msg["content"] = _text_content(m.get("content"), where)
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _history_calls(m["tool_calls"], f"{where}.tool_calls")
         out.append(msg)
     return out
+
+
+def _history_calls(calls: object, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, arguments parsed for the chat template
+    (templates render them as objects)."""
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where} must be a list", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRequest(f"{where}[{j}].function.name must be a string", param=where)
+        args = fn.get("arguments") or "{}"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                raise BadRequest(f"{where}[{j}].function.arguments must be a JSON object",
+                                 param=where) from None
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_tools(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None
+                ) -> tuple[list[dict[str, Any]] | None, str]:
+    """Validated `tools` and the worker's `tool_choice` ("auto", "required" or a function name);
+    tools are dropped for "none"."""
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or \
+                not isinstance(fn, dict):
+            raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}',
+                             param=f"tools[{i}]")
+        if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+            raise BadRequest(f"tools[{i}].function.name must be 1-64 letters, digits, _ . -",
+                             param=f"tools[{i}].function.name")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object",
+                             param=f"tools[{i}].function.parameters")
+    names = [t["function"]["name"] for t in tools or []]
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise BadRequest('tool_choice must be "none", "auto", "required" or {"type": '
+                             '"function", "function": {"name": "..."}}', param="tool_choice")
+        choice = name
+    elif choice not in ("none", "auto", "required"):
+        raise BadRequest('tool_choice must be "none", "auto", "required" or a named function',
+                         param="tool_choice")
+    if choice not in ("none", "auto") and choice != "required" and choice not in names:
+        raise BadRequest(f"tool_choice names function {choice!r}, which is not in tools",
+                         param="tool_choice")
+    if choice == "required" and not names:
+        raise BadRequest('tool_choice "required" needs tools', param="tool_choice")
+    if choice == "none" or not names:
+        return None, "auto"
+    return list(tools or []), choice
+
+
+def response_schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks for: None (free text), {} (any JSON object)."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON schema object",
+                             param="response_format")
+        return schema
+    raise BadRequest('response_format.type must be "text", "json_object" or "json_schema"',
+                     param="response_format")
 
 
 def chat_to_generate(req: ChatRequest) -> Generate:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     _check_sampling(req, max_tokens)
+    tools, choice = check_tools(req.tools, req.tool_choice)
+    top = req.top_logprobs or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                         param="top_logprobs")
+    if top and not req.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     return Generate(
         rid=0,
         messages=chat_messages(req.messages),
         chat_template_kwargs=req.chat_template_kwargs or {},
+        tools=tools,
+        tool_choice=choice,
+        json_schema=response_schema(req.response_format),
+        logprobs=bool(req.logprobs),
+        top_logprobs=top,
         **_sampling_fields(req, max_tokens),
     )
+
+
+def fan_out(gen: Generate, n: int) -> list[Generate]:
+    """One Generate per choice; seeded choices get seed, seed+1, … so they differ."""
+    gens = [gen]
+    for i in range(1, n):
+        copy = msgspec.structs.replace(gen)
+        if gen.seed is not None:
+            copy.seed = gen.seed + i
+        gens.append(copy)
+    return gens
 
 
 def completion_to_generate(req: CompletionRequest) -> Generate:
@@ -188,4 +332,7 @@ def completion_to_generate(req: CompletionRequest) -> Generate:
         raise BadRequest("'prompt' must not be empty", param="prompt")
     # OpenAI's default for /v1/completions is 16 tokens.
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    return Generate(rid=0, prompt=prompt, **_sampling_fields(req, max_tokens))
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise BadRequest("logprobs must be between 0 and 5", param="logprobs")
+    return Generate(rid=0, prompt=prompt, logprobs=req.logprobs is not None,
+                    top_logprobs=req.logprobs or 0, **_sampling_fields(req, max_tokens))

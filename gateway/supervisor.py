@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -51,6 +52,12 @@ class Supervisor:
         self._env = worker_env
         self._handles: dict[str, WorkerHandle] = {}
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        # Called with each event as it happens (metrics, /api/events?follow=1); must not block.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Called with the resolved model's name as a lease begins, in the request's task
+        # (request metrics attribute the request to its model whatever the route).
+        self.lease_observers: list[Callable[[str], None]] = []
+        self._event_ids = itertools.count(1)
         self.draining = False
         self._idle = asyncio.Event()  # set while no request holds a lease
         self._idle.set()
@@ -120,6 +127,8 @@ class Supervisor:
         (another model's turn), then on the load; raises NotFound, QueueFull, LoadFailed,
         Unavailable."""
         h = self.handle(self.resolve(name))
+        for observe in self.lease_observers:
+            observe(h.model.name)
         self._check_queue(h)
         lid = next(self._lease_ids)
         h.tickets[lid] = (time.monotonic(), "held")
@@ -233,6 +242,16 @@ class Supervisor:
         h = self.handle(self.resolve(name))
         await h.stop("unload")
         self._pulse()
+        return h
+
+    def pin(self, name: str, pinned: bool) -> WorkerHandle:
+        """Pin or unpin a model until the gateway restarts: a per-handle override of the
+        config's `pin` (never evicted, never expired). Loads nothing; unpinning restarts the
+        model's keep_alive from now."""
+        h = self.handle(self.resolve(name))
+        h.model = dataclasses.replace(h.model, pin=pinned)
+        if h.state is State.READY:
+            self._touch(h)
         return h
 
     # ------------------------------------------------------------------ processes
@@ -392,13 +411,23 @@ class Supervisor:
     def ps(self) -> list[dict[str, Any]]:
         return [h.snapshot() for h in self._handles.values() if h.state in LOADED]
 
+    def handles(self) -> list[WorkerHandle]:
+        """Every model's handle so far (loaded or not), for metrics and the dashboard."""
+        return list(self._handles.values())
+
     def in_flight(self) -> int:
         return sum(h.held + h.active for h in self._handles.values())
 
     def _on_event(self, h: WorkerHandle, kind: str, details: dict[str, Any]) -> None:
-        event = {"type": kind, "time": time.time(), "model": h.model.name, **details}
+        event = {"id": next(self._event_ids), "type": kind, "time": time.time(),
+                 "model": h.model.name, **details}
         self.events.append(event)
         log.info("[event] %s", json.dumps(event, default=str))
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("[supervisor] event listener failed")
         if kind in ("ready", "crash", "unload", "evict", "expire", "load_failed"):
             self._pulse()
 

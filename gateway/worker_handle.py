@@ -10,15 +10,17 @@ a worker silent for longer than the heartbeat timeout is killed (and so fails th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from config import ModelConfig
-from gateway.errors import LoadFailed, TimedOut, WorkerDied, from_worker
+from gateway.errors import GatewayError, LoadFailed, TimedOut, WorkerDied, from_worker
 from gateway.worker_process import WorkerGone, WorkerProcess
 from worker import protocol as p
 
@@ -66,7 +68,7 @@ class WorkerHandle:
         self._memory_limit_bytes = memory_limit_bytes
         self._on_event = on_event
         self._wp: WorkerProcess | None = None
-        self._pending: dict[int, asyncio.Queue[p.Delta | p.Error | _Died]] = {}
+        self._pending: dict[int, asyncio.Queue[p.Delta | p.Error | _Died | _Result]] = {}
         self._rids = itertools.count(1)
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -139,8 +141,10 @@ class WorkerHandle:
         self.admitted = False
         try:
             await self._admit(self)  # waits (bounded) for room under the ceiling
-        except BaseException:
+        except BaseException as e:
             self.state = State.FAILED if self._crashed else State.STOPPED
+            if isinstance(e, GatewayError):  # the load event gets its outcome
+                self._emit("load_failed", error=e.message, code=e.code)
             raise
         try:
             async with asyncio.timeout(self._load_timeout_s):
@@ -219,7 +223,7 @@ class WorkerHandle:
             elif isinstance(msg, p.Heartbeat):
                 self.memory_bytes = msg.memory_bytes
                 self.worker_in_flight = msg.in_flight
-            elif isinstance(msg, p.Error):
+            elif isinstance(msg, _ROUTED):
                 q = self._pending.get(msg.rid)
                 if q is not None:
                     q.put_nowait(msg)
@@ -241,8 +245,10 @@ class WorkerHandle:
             self._crashed = True
             self.error = why
             self._retry_at = 0.0  # a crash restarts on the next request
-            self._emit("crash", pid=wp.pid, exit=wp.exit_description(),
-                       returncode=wp.returncode)
+            rc = wp.returncode
+            self._emit("crash", pid=wp.pid, exit=wp.exit_description(), returncode=rc,
+                       exit_code=rc if rc is not None and rc >= 0 else None,
+                       signal=_signal_name(-rc) if rc is not None and rc < 0 else None)
 
     def begin_stop(self, kind: str, **details: Any) -> asyncio.Task[None] | None:
         """Start stopping the worker (staged: Shutdown, SIGTERM, SIGKILL) and return the task.
@@ -279,11 +285,19 @@ class WorkerHandle:
 
     # ------------------------------------------------------------------ requests
 
-    async def stream(self, gen: p.Generate, *, deadline: float) -> AsyncIterator[p.Delta]:
+    async def stream(
+        self,
+        gen: p.Generate,
+        *,
+        deadline: float,
+        observe: Callable[[p.Delta], None] | None = None,
+    ) -> AsyncIterator[p.Delta]:
         """Send one request and yield its deltas until the one with a finish_reason.
 
-        Raises the mapped GatewayError when the worker refuses it, WorkerDied when the process
-        dies meanwhile, TimedOut past `deadline` (monotonic). Leaving early sends Cancel."""
+        `observe` sees each delta as it arrives (request metrics: first token, inter-token
+        latency, token counts). Raises the mapped GatewayError when the worker refuses it,
+        WorkerDied when the process dies meanwhile, TimedOut past `deadline` (monotonic).
+        Leaving early sends Cancel."""
         rid = next(self._rids)
         gen.rid = rid
         q: asyncio.Queue[p.Delta | p.Error | _Died] = asyncio.Queue()
@@ -310,6 +324,8 @@ class WorkerHandle:
                     finished = True
                     raise WorkerDied(item.why)
                 finished = item.finish_reason is not None
+                if observe is not None:
+                    observe(item)
                 yield item
         finally:
             self._pending.pop(rid, None)
@@ -318,6 +334,56 @@ class WorkerHandle:
                     self._wp.send(p.Cancel(rid=rid))
                 except WorkerGone:
                     pass
+
+    async def results(self, req: _Request, *, deadline: float) -> AsyncIterator[_Result]:
+        """Send a non-text request (Embed, Transcribe, Speak) and yield its result messages
+        until the last one (every result is final except an AudioChunk with final=False).
+
+        Same failure modes as `stream()`: the mapped GatewayError, WorkerDied, TimedOut past
+        `deadline` (monotonic). Leaving early sends Cancel."""
+        rid = next(self._rids)
+        req.rid = rid
+        q: asyncio.Queue[p.Delta | p.Error | _Died | _Result] = asyncio.Queue()
+        self._pending[rid] = q
+        finished = False
+        try:
+            wp = self._wp
+            if wp is None or self.state is not State.READY:
+                raise WorkerDied(f"the worker for model '{self.model.name}' is not running")
+            try:
+                wp.send(req)
+            except WorkerGone as e:
+                raise WorkerDied(f"the worker for model '{self.model.name}': {e}") from None
+            while not finished:
+                try:
+                    item = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise TimedOut("the request exceeded its deadline (request_timeout)",
+                                   retry_after=5) from None
+                if isinstance(item, p.Error):
+                    finished = True
+                    raise from_worker(item.code, item.message)
+                if isinstance(item, _Died):
+                    finished = True
+                    raise WorkerDied(item.why)
+                if not isinstance(item, p.RESULTS):
+                    continue
+                finished = getattr(item, "final", True)
+                yield item
+        finally:
+            self._pending.pop(rid, None)
+            if not finished and self._wp is not None:
+                try:
+                    self._wp.send(p.Cancel(rid=rid))
+                except WorkerGone:
+                    pass
+
+    async def call(self, req: _Request, *, deadline: float) -> _Result:
+        """A one-shot request (Embed, Transcribe): its single result. Raises as `results()`."""
+        async with contextlib.aclosing(self.results(req, deadline=deadline)) as answers:
+            async for item in answers:
+                return item
+        raise WorkerDied(f"the worker for model '{self.model.name}' sent no result")
 
     # ------------------------------------------------------------------ reporting
 
@@ -346,6 +412,18 @@ class WorkerHandle:
 
 class _LoadError(Exception):
     pass
+
+
+_Request = p.Embed | p.Transcribe | p.Speak
+_Result = p.Embeddings | p.Transcription | p.AudioChunk
+_ROUTED = (p.Error, *p.RESULTS)  # worker messages delivered to one request's queue by rid
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def _iso(ts: float | None) -> str | None:

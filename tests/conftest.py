@@ -39,6 +39,42 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# Tiny models of the other kinds (tests/tiny_kinds.py): each built once, on first use, and
+# skipped where its kind's package (extra) is not installed.
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("mlx_embeddings")
+    from tests.tiny_kinds import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("mlx_whisper")
+    from tests.tiny_kinds import build_tiny_whisper
+
+    return build_tiny_whisper(tmp_path_factory.mktemp("whisper"))
+
+
+@pytest.fixture(scope="session")
+def tiny_soprano(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("mlx_audio")
+    from tests.tiny_kinds import build_tiny_soprano
+
+    return build_tiny_soprano(tmp_path_factory.mktemp("soprano"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("mlx_vlm")
+    from tests.tiny_kinds import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
 class GatewayProc:
     """`mlx-gw start --foreground` on an ephemeral port. With config=None it runs with no
     config at all (a clean HOME and working directory): the embedded defaults."""

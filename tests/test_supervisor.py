@@ -129,7 +129,7 @@ def test_busy_models_make_a_load_wait_then_503(start_gateway, tiny_dir: Path) ->
             "ignore_eos": True}
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60) as s:
         lines = s.iter_lines()  # keep the iterator: dropping it closes the connection
-        assert next(lines).startswith("data: ")
+        assert next(line for line in lines if line.startswith("data: "))
         r = httpx.post(gw.url + "/v1/chat/completions", timeout=30,
                        json={"model": "m1", "messages": MSG, "max_tokens": 1})
     assert r.status_code == 503 and "Retry-After" in r.headers

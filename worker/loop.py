@@ -8,6 +8,7 @@ step, ships that step's deltas in one frame, and sends a heartbeat once a second
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from worker import protocol as p
 log = logging.getLogger("mlxgw.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
+COALESCE_MAX_S = 0.004  # longest an idle worker waits for the rest of a burst
+COALESCE_QUIET_MS = 1  # ... stopping as soon as the socket is quiet this long
 PARENT_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
@@ -56,12 +59,37 @@ def memory_bytes() -> int:
     return rss
 
 
-def _make_engine(load: p.Load):
-    if load.type == "llm":
-        from worker.engine_llm import LLMEngine
+# The engine class of each model type, and for the optional kinds the package it needs and the
+# mlx-gw extra that installs it: a load without it fails with what to install.
+_ENGINES = {
+    "llm": ("worker.engine_llm", "LLMEngine"),
+    "embedding": ("worker.engine_embedding", "EmbeddingEngine"),
+    "stt": ("worker.engine_stt", "STTEngine"),
+    "tts": ("worker.engine_tts", "TTSEngine"),
+    "vlm": ("worker.engine_vlm", "VLMEngine"),
+}
+_EXTRAS = {
+    "embedding": ("mlx_embeddings", "embeddings"),
+    "stt": ("mlx_whisper", "stt"),
+    "tts": ("mlx_audio", "tts"),
+    "vlm": ("mlx_vlm", "vision"),
+}
 
-        return LLMEngine.from_load(load)
-    raise ValueError(f"model type {load.type!r} is not supported by this worker yet")
+
+def _make_engine(load: p.Load):
+    if load.type not in _ENGINES:
+        raise ValueError(f"model type {load.type!r} is not supported by this worker")
+    if load.type in _EXTRAS:
+        package, extra = _EXTRAS[load.type]
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            raise RuntimeError(
+                f"a model of type '{load.type}' needs the {package.replace('_', '-')} package, "
+                f"which cannot be imported ({e}): pip install 'mlx-gw[{extra}]'"
+            ) from None
+    module, cls = _ENGINES[load.type]
+    return getattr(importlib.import_module(module), cls).from_load(load)
 
 
 def _preimport() -> None:
@@ -125,32 +153,51 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
     os._exit(code)
 
 
-def _serve(engine, rx: zmq.Socket, send, name: str) -> int:
+def _drain(engine, rx: zmq.Socket, send, name: str) -> bool:
+    """Handle every message waiting on the socket. Returns False on Shutdown."""
     from worker.engine_llm import AdmissionError
 
+    while True:
+        try:
+            msg = p.decode_to_worker(rx.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return True
+        if isinstance(msg, p.REQUESTS):
+            try:
+                engine.submit(msg)
+            except AdmissionError as e:
+                send(p.Error(rid=msg.rid, code=e.code, message=e.message))
+            except Exception as e:
+                log.exception("[worker:%s] submit failed", name)
+                send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
+        elif isinstance(msg, p.Cancel):
+            engine.cancel(msg.rid)
+        elif isinstance(msg, p.Shutdown):
+            engine.close()
+            return False
+
+
+def _serve(engine, rx: zmq.Socket, send, name: str) -> int:
     next_hb = 0.0
     while True:
         now = time.monotonic()
-        timeout_ms = 0 if engine.busy else max(0, int((next_hb - now) * 1000))
+        idle = not engine.busy
+        # A busy engine steps at once, unless it asks to linger for more requests to batch
+        # (the embedding engine, while a burst is still arriving).
+        timeout_ms = (getattr(engine, "linger_ms", 0) if not idle
+                      else max(0, int((next_hb - now) * 1000)))
         if rx.poll(timeout_ms):
-            while True:
-                try:
-                    msg = p.decode_to_worker(rx.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                if isinstance(msg, p.Generate):
-                    try:
-                        engine.submit(msg)
-                    except AdmissionError as e:
-                        send(p.Error(rid=msg.rid, code=e.code, message=e.message))
-                    except Exception as e:
-                        log.exception("[worker:%s] submit failed", name)
-                        send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
-                elif isinstance(msg, p.Cancel):
-                    engine.cancel(msg.rid)
-                elif isinstance(msg, p.Shutdown):
-                    engine.close()
-                    return 0
+            if not _drain(engine, rx, send, name):
+                return 0
+            if idle and engine.busy:
+                # Requests of a burst arrive a few ms apart: let the burst land before the
+                # first step, so it enters as one batch rather than in pieces (each piece
+                # costs a prefill and a cache merge). Bounded: a lone request waits at most
+                # COALESCE_MAX_S.
+                end = time.monotonic() + COALESCE_MAX_S
+                while time.monotonic() < end and rx.poll(COALESCE_QUIET_MS):
+                    if not _drain(engine, rx, send, name):
+                        return 0
         if engine.busy:
             try:
                 deltas = engine.step()
@@ -160,7 +207,11 @@ def _serve(engine, rx: zmq.Socket, send, name: str) -> int:
                     send(p.Error(rid=rid, code="internal", message=f"engine failure: {e}"))
                 deltas = []
             if deltas:
-                send(p.Outputs(items=deltas))
+                if isinstance(deltas[0], p.Delta):  # text engines: one frame per step
+                    send(p.Outputs(items=deltas))
+                else:  # other kinds answer with their own result messages
+                    for result in deltas:
+                        send(result)
         now = time.monotonic()
         if now >= next_hb:
             send(

@@ -48,6 +48,21 @@ class Generate(_Msg, tag="gen"):
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, tests), as vLLM's flag
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = {}
+    # Tool calling: OpenAI-shaped `tools` rendered by the chat template; `tool_choice` is
+    # "auto" | "required" | a function name (forcing one call through constrained decoding).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"
+    tool_parser: str = "auto"  # models.yaml `tool_parser`: auto = from the chat template
+    reasoning_parser: str | list[str] = "auto"  # models.yaml `reasoning_parser`
+    # Structured output: a JSON schema the output must match ({} = any JSON object).
+    json_schema: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    count_only: bool = False  # tokenize, answer one Delta with prompt_tokens, generate nothing
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -60,7 +75,43 @@ class Shutdown(_Msg, tag="shutdown"):
     """Exit now. The gateway drains before it sends this."""
 
 
-ToWorker = Load | Generate | Cancel | Shutdown
+class Embed(_Msg, tag="embed"):
+    """Embed each of `texts` (or of `token_ids`, pre-tokenized inputs): one `Embeddings`
+    answers. `dimensions` shortens the vectors (then renormalised); `truncate` cuts inputs
+    longer than the model's window instead of refusing them."""
+
+    rid: int
+    texts: list[str] = []
+    token_ids: list[list[int]] = []
+    dimensions: int | None = None
+    truncate: bool = False
+
+
+class Transcribe(_Msg, tag="stt"):
+    """Speech to text. `audio` is mono float32 little-endian PCM at 16 kHz (the gateway
+    decodes and resamples). Answered by one `Transcription`."""
+
+    rid: int
+    audio: bytes
+    task: str = "transcribe"  # transcribe | translate (to English)
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
+    word_timestamps: bool = False
+
+
+class Speak(_Msg, tag="tts"):
+    """Text to speech. Answered by `AudioChunk`s as the audio is generated, the last `final`."""
+
+    rid: int
+    text: str
+    voice: str | None = None
+    speed: float = 1.0
+
+
+ToWorker = Load | Generate | Cancel | Shutdown | Embed | Transcribe | Speak
+# Messages that start a request (each carries a fresh `rid`).
+REQUESTS = (Generate, Embed, Transcribe, Speak)
 
 # ---------------------------------------------------------------- worker -> gateway
 
@@ -82,6 +133,14 @@ class Ready(_Msg, tag="ready"):
     device: str = ""
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One generated token's log-probability, with the most likely alternatives when asked."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = []
+
+
 class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """New text for one request from one engine step. `finish_reason` set on its last delta."""
 
@@ -90,6 +149,14 @@ class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     completion_tokens: int = 0  # total so far
     prompt_tokens: int = 0
     finish_reason: str | None = None  # stop | length | cancelled
+    logprobs: list[TokenLogprob] | None = None  # the tokens of this step, when asked
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason "stop")
+    # First delta only: how the gateway parses this output. `tool_parser` names the tool-call
+    # format ("" = none); `reasoning` is the [start, end] pair of thinking markers ([] = none),
+    # `thinking` whether the prompt already opened a thought.
+    tool_parser: str = ""
+    reasoning: list[str] = []
+    thinking: bool = False
 
 
 class Outputs(_Msg, tag="out"):
@@ -112,7 +179,38 @@ class Heartbeat(_Msg, tag="hb"):
     generation_tokens_total: int = 0
 
 
-FromWorker = Hello | Ready | Outputs | Error | Heartbeat
+class Embeddings(_Msg, tag="emb"):
+    """The vectors of one `Embed`, in input order: each float32 little-endian, L2-normalised."""
+
+    rid: int
+    data: list[bytes]
+    prompt_tokens: int
+
+
+class Transcription(_Msg, tag="txt"):
+    """The result of one `Transcribe`. Segments and words carry start/end in seconds."""
+
+    rid: int
+    text: str
+    language: str = ""
+    duration: float = 0.0
+    segments: list[dict[str, Any]] = []
+    words: list[dict[str, Any]] = []
+
+
+class AudioChunk(_Msg, tag="pcm"):
+    """Generated speech for one `Speak`: mono float32 little-endian PCM. The last is `final`
+    (it may be empty)."""
+
+    rid: int
+    pcm: bytes
+    sample_rate: int
+    final: bool = False
+
+
+FromWorker = Hello | Ready | Outputs | Error | Heartbeat | Embeddings | Transcription | AudioChunk
+# One-shot or chunked answers to a request, other than text `Outputs` (routed by `rid`).
+RESULTS = (Embeddings, Transcription, AudioChunk)
 
 # Error codes a worker may send, each mapped to one HTTP status by the gateway.
 ERROR_CODES = {

@@ -1,0 +1,161 @@
+"""Vision chat through a real gateway, a real worker and the openai SDK: images as data URLs
+and as fetched http URLs, streamed and not, concurrent requests, and clear 400s for a bad data
+URL, a huge image, a non-image, disabled remote fetches and image parts sent to an llm."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import GatewayProc, assert_gone
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("mlx_vlm")
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def ask(url: str, text: str = "What is in this picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[str]:
+    """A local HTTP server: /small.png, /big.png (over the byte limit)."""
+    from gateway.vision import MAX_IMAGE_BYTES
+
+    files = {"/small.png": png(), "/big.png": b"\x89PNG" + b"0" * (MAX_IMAGE_BYTES + 10)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_llava: Path, tiny_dir: Path,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    g = GatewayProc({"gateway": {"port": 0}, "models": {
+        "llava": {"type": "vlm", "path": str(tiny_llava), "aliases": ["gpt-4o"]},
+        "llm": {"type": "llm", "path": str(tiny_dir / "tiny-0")},
+    }}, tmp_path_factory.mktemp("gw-vision"))
+    yield g
+    g.workers()
+    g.stop()
+    assert_gone(g.seen_workers)
+
+
+def client(gw: GatewayProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_chat_with_an_image_streamed_and_not(gw: GatewayProc) -> None:
+    c = client(gw)
+    msgs = ask(data_url(png()))
+    full = c.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=6,
+                                     temperature=0)
+    assert full.model == "llava" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens > 10
+    chunks = list(c.chat.completions.create(model="llava", messages=msgs, max_tokens=6,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6
+    # the image counts: the same question without it is a shorter prompt
+    plain = c.chat.completions.create(model="llava", max_tokens=2, messages=[
+        {"role": "user", "content": "What is in this picture?"}])
+    assert plain.usage.prompt_tokens < full.usage.prompt_tokens
+
+
+def test_remote_image_url_is_fetched(gw: GatewayProc, images: str) -> None:
+    r = client(gw).chat.completions.create(model="llava", messages=ask(images + "/small.png"),
+                                           max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_concurrent_requests_share_the_batch_with_greedy_results_unchanged(
+        gw: GatewayProc) -> None:
+    """Image and text-only requests run in one continuous batch; each gets exactly what it
+    gets alone (f32 tiny model, greedy)."""
+    c = client(gw)
+
+    def one(i: int):
+        msgs = (ask(data_url(png(32 + 8 * i, 32)), f"Picture {i}?") if i % 2 == 0 else
+                [{"role": "user", "content": f"No picture {i}."}])
+        return c.chat.completions.create(model="llava", messages=msgs, max_tokens=8,
+                                         temperature=0)
+
+    alone = [one(i).choices[0].message.content for i in range(4)]
+    with cf.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, range(4)))
+    assert [g.choices[0].message.content for g in together] == alone
+    assert [g.usage.completion_tokens for g in together] == [8, 8, 8, 8]
+
+
+def chat_status(gw: GatewayProc, model: str, url: str) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                      json={"model": model, "messages": ask(url), "max_tokens": 2})
+
+
+@pytest.mark.parametrize("url, code", [
+    ("data:image/png;base64,@@@not-base64@@@", "invalid_image"),
+    ("data:image/png,rawbytes", "invalid_image"),
+    (data_url(b"this is not an image at all"), "invalid_image"),
+    (data_url(png(9000, 6000)), "image_too_large"),  # 54 MP, a small PNG
+    ("ftp://example.com/x.png", None),
+])
+def test_bad_images_get_400(gw: GatewayProc, url: str, code: str | None) -> None:
+    r = chat_status(gw, "llava", url)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content[1]" and "Traceback" not in err["message"]
+    if code:
+        assert err["code"] == code
+
+
+def test_oversized_remote_image_gets_400(gw: GatewayProc, images: str) -> None:
+    r = chat_status(gw, "llava", images + "/big.png")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large"
+    missing = chat_status(gw, "llava", images + "/nope.png")
+    assert missing.status_code == 400 and "404" in missing.json()["error"]["message"]
+
+
+def test_images_to_an_llm_and_disabled_remote_fetches(gw: GatewayProc, start_gateway,
+                                                      tiny_llava: Path, images: str) -> None:
+    r = chat_status(gw, "llm", data_url(png()))
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+    g = start_gateway({"gateway": {"remote_images": False},
+                       "models": {"llava": {"type": "vlm", "path": str(tiny_llava)}}})
+    off = chat_status(g, "llava", images + "/small.png")
+    assert off.status_code == 400 and off.json()["error"]["code"] == "remote_images_disabled"
+    assert not g.ps()  # refused before loading anything
