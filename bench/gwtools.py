@@ -42,12 +42,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def blas_desc() -> str:
-    """The workers' BLAS: the preloaded library (or none) and OpenBLAS's thread count."""
+def blas_desc(base: Mapping[str, str] | None = None) -> str:
+    """The workers' BLAS given the gateway's environment `base` (default ours): the preloaded
+    library (or none) and OpenBLAS's thread count."""
     from gateway.blas import fast_blas_env
 
-    env = fast_blas_env()
-    threads = env.get("OPENBLAS_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS", "")
+    base = os.environ if base is None else base
+    env = fast_blas_env(base)
+    threads = env.get("OPENBLAS_NUM_THREADS") or base.get("OPENBLAS_NUM_THREADS", "")
     return f"{env.get('LD_PRELOAD', 'none (reference BLAS)')}, OPENBLAS_NUM_THREADS={threads}"
 
 

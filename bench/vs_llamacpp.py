@@ -212,7 +212,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads,
             "prompt_tokens": args.prompt_tokens,
             "ttft_prompt_tokens_seen": runs[F32]["ttft"][0]["prompt_tokens"],
-            "worker_blas": blas, "blas": blas_desc(),
+            "worker_blas": blas,
+            "blas": blas_desc({**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads)}),
             "load_start": " / ".join(f"{x:.1f}" for x in load_start),
             "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "runs": runs, "summary": _summary(runs), "total_s": time.perf_counter() - t_start}
@@ -247,7 +248,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"{res['date']}, {res['machine']['cpu']} ({res['machine']['nproc']} cores), "
              f"load avg {res['load_start']} -> {res['load_end']}; {res['reps']} reps, "
              f"max_tokens {res['max_tokens']}, TTFT prompt {res['ttft_prompt_tokens_seen']} "
-             f"tokens (medians); {res.get('threads', 2)} threads; gateway BLAS "
+             f"tokens (medians); threads {res.get('threads', 2)}; gateway BLAS "
              f"{res.get('blas', '?')}", "",
              f"| server | 1 stream tok/s | {res['streams']} streams aggregate tok/s | (each rep) "
              f"| TTFT, {res['ttft_prompt_tokens_seen']}-token prompt | load avg | problems |",

@@ -295,55 +295,39 @@ class WorkerHandle:
         """Send one request and yield its deltas until the one with a finish_reason.
 
         `observe` sees each delta as it arrives (request metrics: first token, inter-token
-        latency, token counts). Raises the mapped GatewayError when the worker refuses it,
-        WorkerDied when the process dies meanwhile, TimedOut past `deadline` (monotonic).
-        Leaving early sends Cancel."""
-        rid = next(self._rids)
-        gen.rid = rid
-        q: asyncio.Queue[p.Delta | p.Error | _Died] = asyncio.Queue()
-        self._pending[rid] = q
-        finished = False
-        try:
-            wp = self._wp
-            if wp is None or self.state is not State.READY:
-                raise WorkerDied(f"the worker for model '{self.model.name}' is not running")
-            try:
-                wp.send(gen)
-            except WorkerGone as e:
-                raise WorkerDied(f"the worker for model '{self.model.name}': {e}") from None
-            while not finished:
-                try:
-                    item = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    raise TimedOut("the request exceeded its deadline (request_timeout)",
-                                   retry_after=5) from None
-                if isinstance(item, p.Error):
-                    finished = True
-                    raise from_worker(item.code, item.message)
-                if isinstance(item, _Died):
-                    finished = True
-                    raise WorkerDied(item.why)
-                finished = item.finish_reason is not None
+        latency, token counts). Raises as `_exchange`."""
+        async with contextlib.aclosing(
+            self._exchange(gen, deadline, lambda d: d.finish_reason is not None)
+        ) as items:
+            async for item in items:
                 if observe is not None:
                     observe(item)
                 yield item
-        finally:
-            self._pending.pop(rid, None)
-            if not finished and self._wp is not None:
-                try:
-                    self._wp.send(p.Cancel(rid=rid))
-                except WorkerGone:
-                    pass
 
     async def results(self, req: _Request, *, deadline: float) -> AsyncIterator[_Result]:
         """Send a non-text request (Embed, Transcribe, Speak) and yield its result messages
         until the last one (every result is final except an AudioChunk with final=False).
+        Raises as `_exchange`."""
+        async with contextlib.aclosing(
+            self._exchange(req, deadline, lambda r: getattr(r, "final", True), p.RESULTS)
+        ) as items:
+            async for item in items:
+                yield item
 
-        Same failure modes as `stream()`: the mapped GatewayError, WorkerDied, TimedOut past
-        `deadline` (monotonic). Leaving early sends Cancel."""
+    async def _exchange(
+        self,
+        msg: Any,
+        deadline: float,
+        is_last: Callable[[Any], bool],
+        kinds: type | tuple[type, ...] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Send `msg` under a fresh request id and yield what the worker answers for it (of
+        `kinds`, when given) until `is_last`. Raises the mapped GatewayError when the worker
+        refuses it, WorkerDied when the process dies meanwhile, TimedOut past `deadline`
+        (monotonic). Leaving early sends Cancel."""
         rid = next(self._rids)
-        req.rid = rid
-        q: asyncio.Queue[p.Delta | p.Error | _Died | _Result] = asyncio.Queue()
+        msg.rid = rid
+        q: asyncio.Queue[Any] = asyncio.Queue()
         self._pending[rid] = q
         finished = False
         try:
@@ -351,7 +335,7 @@ class WorkerHandle:
             if wp is None or self.state is not State.READY:
                 raise WorkerDied(f"the worker for model '{self.model.name}' is not running")
             try:
-                wp.send(req)
+                wp.send(msg)
             except WorkerGone as e:
                 raise WorkerDied(f"the worker for model '{self.model.name}': {e}") from None
             while not finished:
@@ -366,9 +350,9 @@ class WorkerHandle:
                 if isinstance(item, _Died):
                     finished = True
                     raise WorkerDied(item.why)
-                if not isinstance(item, p.RESULTS):
+                if kinds is not None and not isinstance(item, kinds):
                     continue
-                finished = getattr(item, "final", True)
+                finished = is_last(item)
                 yield item
         finally:
             self._pending.pop(rid, None)
