@@ -149,7 +149,8 @@ def blas_in_use(pid: int) -> str | None:
     """Path of an OpenBLAS library mapped into process ``pid``, or None.
 
     None too when the process is gone, its map is unreadable, or this is not Linux. Matches on
-    the file name, so MLX's bundled reference ``libblas`` never counts.
+    the file name, so MLX's bundled reference ``libblas`` and numpy's prefixed-symbol
+    ``libscipy_openblas`` never count.
     """
     if not _is_linux():
         return None
@@ -163,6 +164,9 @@ def blas_in_use(pid: int) -> str | None:
         if len(fields) < 6:
             continue
         path = fields[5].strip().removesuffix(" (deleted)")
-        if "openblas" in Path(path).name.lower():
+        name = Path(path).name.lower()
+        # numpy/scipy bundle an OpenBLAS with prefixed symbols (libscipy_openblas*): mapped
+        # into a worker that imports numpy, but it can never serve MLX's BLAS calls.
+        if "openblas" in name and "scipy_openblas" not in name:
             return path
     return None

@@ -23,6 +23,7 @@ EXIT_TIMEOUT_S = 10.0
 # can read its memory map.
 CHILD = """
 import sys
+import numpy  # as in a real worker (mlx-lm imports it): numpy maps its own prefixed OpenBLAS
 import mlx.core as mx
 a = mx.random.normal((256, 256))
 mx.eval(a @ a)
@@ -90,7 +91,8 @@ def test_off_preloads_nothing() -> None:
     assert find_fast_blas(clean_env(**{BLAS_ENV_VAR: "off"})) is None
     assert fast_blas_env(clean_env(**{BLAS_ENV_VAR: "OFF"})) == {}
     with mlx_child(clean_env(**{BLAS_ENV_VAR: "off"})) as proc:
-        # mlx[cpu] bundles a reference libblas; that must not be mistaken for OpenBLAS.
+        # mlx[cpu] bundles a reference libblas and numpy a prefixed-symbol OpenBLAS; neither
+        # must be mistaken for the preloaded OpenBLAS.
         assert blas_in_use(proc.pid) is None
 
 
