@@ -169,20 +169,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def _open(method: str, path: str, body: dict[str, Any] | None = None,
+          accept: str | None = None) -> Any:
+    """An HTTP response from the running gateway (with the API key from the environment);
+    exits with the gateway's error message when it is not running or answers an error."""
     st = read_state()
     if not st:
         print("mlx-gw is not running (start it with `mlx-gw start`)", file=sys.stderr)
         sys.exit(1)
+    headers = {"Content-Type": "application/json"}
+    if accept:
+        headers["Accept"] = accept
     req = urllib.request.Request(st["url"] + path, method=method,
                                  data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     key = os.environ.get("MLX_GW_API_KEY")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(req, timeout=3600) as resp:
-            return json.loads(resp.read())
+        return urllib.request.urlopen(req, timeout=3600)
     except urllib.error.HTTPError as e:
         try:
             msg = json.loads(e.read())["error"]["message"]
@@ -190,6 +195,11 @@ def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
             msg = e.reason
         print(f"mlx-gw: {e.code}: {msg}", file=sys.stderr)
         sys.exit(1)
+
+
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    with _open(method, path, body) as resp:
+        return json.loads(resp.read())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from gateway.cli import _api, read_state
+from gateway.cli import _api, _open, read_state
 
 BAR_WIDTH = 30
 MB = 1e6
@@ -41,26 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _stream(method: str, path: str, body: dict[str, Any] | None = None) -> Iterator[Any]:
     """The `data:` payloads of an SSE response from the running gateway, as they arrive."""
-    st = read_state()
-    if not st:
-        print("mlx-gw is not running (start it with `mlx-gw start`)", file=sys.stderr)
-        sys.exit(1)
-    req = urllib.request.Request(st["url"] + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json",
-                                          "Accept": "text/event-stream"})
-    key = os.environ.get("MLX_GW_API_KEY")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        resp = urllib.request.urlopen(req, timeout=3600)
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = e.reason
-        print(f"mlx-gw: {e.code}: {msg}", file=sys.stderr)
-        sys.exit(1)
+    resp = _open(method, path, body, accept="text/event-stream")
     with resp:
         for raw in resp:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
