@@ -8,6 +8,12 @@ token counts and finish reasons. The generator is built exactly as worker/engine
 it (greedy, EOS as the stop token, completion batch = max_batch, prefill batch = min(8, that),
 prefill chunk 512); no detokenizing, no sockets.
 
+`python -m bench` sends `{"items": [{"prompt": TEXT, "max_tokens": M}, ...], "concurrency": N}`
+instead (or `"arrivals": [s, ...]` for an open loop, and `"logit_bias"`): the child tokenizes
+each prompt as the servers do, keeps N requests in the batch (inserting the next as one
+finishes) or inserts each at its arrival time, and answers per request its start, TTFT,
+inter-token gaps, end and token counts.
+
     python -m bench.inprocess MODEL_DIR --max-batch 16
 """
 
@@ -48,6 +54,56 @@ def run_once(gen: Any, prompt: list[int], n: int, max_tokens: int) -> dict[str, 
     }
 
 
+def run_items(gen: Any, tokenizer: Any, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+    """`python -m bench`'s command: a closed loop of `concurrency` requests, or an open loop
+    with `arrivals` (seconds from the start); times are seconds from the start."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    items = cmd["items"]
+    bias = {int(k): float(v) for k, v in (cmd.get("logit_bias") or {}).items()}
+    prompts = [tokenizer.encode(it["prompt"]) for it in items]
+    arrivals = cmd.get("arrivals")
+    limit = cmd.get("concurrency") or len(items)
+    out = [{"prompt_tokens": len(p), "completion_tokens": 0, "itl_s": []} for p in prompts]
+    last: dict[int, float] = {}
+    by_uid: dict[int, int] = {}
+    pending, active = 0, 0
+    t0 = time.perf_counter()
+    while pending < len(items) or active:
+        now = time.perf_counter() - t0
+        new = []
+        while pending < len(items) and active + len(new) < limit and (
+                arrivals is None or arrivals[pending] <= now):
+            new.append(pending)
+            pending += 1
+        if new:
+            procs = [make_logits_processors(logit_bias=bias) if bias else None for _ in new]
+            uids = gen.insert([prompts[i] for i in new],
+                              max_tokens=[items[i]["max_tokens"] for i in new],
+                              samplers=[None] * len(new), logits_processors=procs)
+            for uid, i in zip(uids, new, strict=True):
+                by_uid[uid] = i
+                out[i]["start_s"] = now
+            active += len(new)
+        if not active:
+            time.sleep(max(0.0, arrivals[pending] - now) if arrivals else 0.0)
+            continue
+        _, responses = gen.next()
+        now = time.perf_counter() - t0
+        for r in responses:
+            o = out[by_uid[r.uid]]
+            o["completion_tokens"] += 1
+            if r.uid in last:
+                o["itl_s"].append(now - last[r.uid])
+            else:
+                o["ttft_s"] = now - o["start_s"]
+            last[r.uid] = now
+            if r.finish_reason is not None:
+                o["e2e_s"] = now - o["start_s"]
+                active -= 1
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -68,7 +124,10 @@ def main() -> None:
     print("READY", flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        result = run_once(gen, cmd["prompt"], cmd["n"], cmd["max_tokens"])
+        if "items" in cmd:
+            result: Any = run_items(gen, tokenizer, cmd)
+        else:
+            result = run_once(gen, cmd["prompt"], cmd["n"], cmd["max_tokens"])
         print("RESULT " + json.dumps(result), flush=True)
     gen.close()
 

@@ -1,0 +1,350 @@
+"""`python -m bench`: one workload against several engines, side by side in one run.
+
+The harness starts each target (the gateway, mlx-lm in-process, `mlx_lm.server`,
+llama-cpp-python's server on the same GGUF; `--url` adds any running OpenAI-compatible server)
+and keeps them all up; then for each scenario level and rep it runs the same requests on every
+target back to back, the order rotating with the rep, so ratios are paired. Scenarios:
+  * closed: N concurrent streams (`--streams`), each sending its next request when the last
+    ends, `--requests-per-stream` x N requests per run;
+  * open: Poisson arrivals at fixed rates (`--rates`, requests/s), `--open-requests` each;
+  * mix: `--mix K` copies of the model under K names, requests naming one at random, with
+    `--mix-loaded` models allowed at once: every switch is a swap (gateway and mlx_lm.server).
+Per request it records TTFT, inter-token gaps, end-to-end latency, tokens and errors; it
+prints a markdown table and writes results.json, requests.csv, summary.md and PNG plots into
+`--out` (default bench/out/bench-DATE).
+
+    python -m bench                                     # SmolLM2-135M, 1/4/16 streams
+    python -m bench --streams 1 16 64 --rates 2 4 --mix 3
+    python -m bench --targets url --url http://127.0.0.1:8000/v1 --served-model my-model
+    python -m bench --report bench/out/bench-DATE/results.json   # re-print + re-plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import targets as T
+from bench.client import Record
+from bench.make_model import RANDOM_MARK
+from bench.stats import markdown, summarize
+from bench.workload import Item, Span, arrivals, build
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+ALL_TARGETS = ["gateway", "in-process", "mlx_lm.server", "llama.cpp", "vllm-mlx", "mlx-serve",
+               "url"]
+WARMUP_TOKENS = 4
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the GPU machine may lack it: a line per run instead
+        return None
+    return tqdm(total=total, unit="req", dynamic_ncols=True, file=sys.stderr)
+
+
+def _model(args: argparse.Namespace) -> tuple[Path, Path | None, bool]:
+    """(MLX model dir, GGUF or None, greedy may emit EOS)."""
+    if args.model_dir:
+        model_dir = args.model_dir.resolve()
+        config = json.loads((model_dir / "config.json").read_text())
+        gguf = args.gguf or (Path(config["source_gguf"]) if "source_gguf" in config else None)
+        return model_dir, gguf, config.get("mlx_gw_bench") != RANDOM_MARK
+    from bench.export_gguf import ensure_exported
+
+    gguf, mlx_dir = ensure_exported(args.gguf)
+    return mlx_dir, gguf, True
+
+
+def _eos_bias(model_dir: Path) -> dict[str, float]:
+    """logit_bias that keeps greedy decoding off every end-of-generation token, so each
+    request runs to max_tokens on every engine (the OpenAI parameter all of them take)."""
+    eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id", [])
+    return {str(t): -100.0 for t in ([eos] if isinstance(eos, int) else eos)}
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open()
+                if line.startswith("model name")), platform.processor())
+    gpu = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu,
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _revision() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, model_dir: Path) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.records: list[Record] = []
+        self.notes: list[str] = []
+        self.bar: Any = None
+
+    def items(self, n: int, seed: int, models: list[str], max_tokens: Span | None = None
+              ) -> list[Item]:
+        a = self.args
+        return build(self.model_dir, n, a.prompt_tokens, max_tokens or a.max_tokens, seed, models)
+
+    def done(self, rec: Record) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    async def level(self, targets: list[Any], scenario: str, level: float,
+                    concurrency: int | None, n: int, rates: float | None,
+                    models: list[str]) -> None:
+        for rep in range(self.args.reps):
+            seed = self.args.seed + 1000 * rep + int(level * 10)
+            items = self.items(n, seed, models)
+            times = arrivals(n, rates, seed) if rates else None
+            k = rep % len(targets)
+            for t in targets[k:] + targets[:k]:
+                if self.bar is not None:
+                    self.bar.set_description(f"{scenario} {level:g} {t.name} rep {rep}")
+                t0 = time.perf_counter()
+                recs = await t.run(items, scenario, level, rep, concurrency, times, self.done)
+                self.records += recs
+                if self.bar is None:
+                    tok = sum(r.completion_tokens for r in recs if not r.error)
+                    err = sum(1 for r in recs if r.error)
+                    print(f"{scenario} {level:g} {t.name} rep {rep}: {tok} tokens in "
+                          f"{time.perf_counter() - t0:.1f}s, {err} errors", file=sys.stderr)
+
+    async def warm(self, targets: list[Any], concurrency: int, models: list[str]) -> None:
+        """A short run per target at this concurrency: first-use costs (a GPU's kernel JIT
+        per shape, lazy imports) stay out of the measurement."""
+        items = self.items(concurrency, 99, models, Span(WARMUP_TOKENS, WARMUP_TOKENS))
+        for t in targets:
+            recs = await t.run(items, "warmup", concurrency, 0, concurrency, None, lambda r: None)
+            bad = [r.error for r in recs if r.error]
+            if bad:
+                self.notes.append(f"warm-up on {t.name} at {concurrency}: {bad[0]}")
+
+
+async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Namespace,
+                 model_dir: Path, gguf: Path | None, env: dict[str, str],
+                 extra: dict[str, Any], out: Path) -> Any:
+    max_batch = max([*args.streams, args.mix_streams if args.mix else 0, args.max_batch])
+    if name == "gateway":
+        return await stack.enter_async_context(T.gateway(
+            name, {"bench": model_dir}, out / "gateway.log", env, extra, max_batch, args.dtype))
+    if name == "in-process":
+        return await stack.enter_async_context(T.inprocess(
+            name, model_dir, max_batch, env, extra.get("logit_bias", {})))
+    if name == "mlx_lm.server":
+        return await stack.enter_async_context(T.mlx_lm_server(
+            model_dir, max_batch, out / "mlx_lm_server.log", env, extra))
+    if name == "llama.cpp":
+        if gguf is None:
+            raise RuntimeError("no GGUF for this model (--gguf)")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise RuntimeError("llama-cpp-python is not installed: "
+                               "pip install 'llama-cpp-python[server]'")
+        return await stack.enter_async_context(T.llama_cpp_server(
+            gguf, args.threads, out / "llama_cpp.log", env, extra))
+    if name == "vllm-mlx":
+        return await stack.enter_async_context(T.vllm_mlx(
+            args.peer_venv, model_dir, max_batch, out / "vllm_mlx.log", env, extra))
+    if name == "mlx-serve":
+        return await stack.enter_async_context(T.mlx_serve(
+            args.peer_venv, model_dir, out / "mlx_serve.log", env, extra))
+    if name == "url":
+        if not args.url:
+            raise RuntimeError("--url is required for the url target")
+        served = args.served_model
+        return T.HttpTarget(args.url_name, args.url.rstrip("/"),
+                            lambda m: served or m, extra)
+    raise ValueError(name)
+
+
+async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from gateway.blas import fast_blas_env
+
+    model_dir, gguf, may_stop = _model(args)
+    env = {**os.environ, **fast_blas_env()}
+    if args.threads:
+        env["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    extra: dict[str, Any] = {"logit_bias": _eos_bias(model_dir)} if may_stop else {}
+    runner = Runner(args, model_dir)
+    started: list[Any] = []
+    t_start = time.perf_counter()
+    async with contextlib.AsyncExitStack() as stack:
+        for name in args.targets:
+            try:
+                started.append(await _start(stack, name, args, model_dir, gguf, env, extra, out))
+            except (RuntimeError, TimeoutError, OSError) as e:
+                runner.notes.append(f"{name}: not run: {e}")
+                print(f"{name}: not run: {e}", file=sys.stderr)
+        total = args.reps * len(started) * (
+            sum(n * args.requests_per_stream for n in args.streams)
+            + len(args.rates) * args.open_requests)
+        if args.mix:
+            total += args.reps * 2 * args.mix_requests
+        runner.bar = _progress(total)
+        for n in args.streams:
+            await runner.warm(started, n, ["bench"])
+            await runner.level(started, "closed", n, n, n * args.requests_per_stream, None,
+                               ["bench"])
+        for rate in args.rates:
+            await runner.level(started, "open", rate, None, args.open_requests, rate, ["bench"])
+    if args.mix:
+        await _mix(runner, args, model_dir, env, extra, out)
+    if runner.bar is not None:
+        runner.bar.close()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "machine": _machine(), "revision": _revision(), "model": str(model_dir),
+        "gguf": str(gguf) if gguf else None, "blas": env.get("LD_PRELOAD", "none"),
+        "openblas_threads": env.get("OPENBLAS_NUM_THREADS", ""),
+        "prompt_tokens": str(args.prompt_tokens), "max_tokens": str(args.max_tokens),
+        "logit_bias": extra.get("logit_bias"), "reps": args.reps,
+        "targets": [t.name for t in started], "notes": runner.notes,
+        "total_s": time.perf_counter() - t_start,
+        "records": [asdict(r) for r in runner.records],
+    }
+
+
+async def _mix(runner: Runner, args: argparse.Namespace, model_dir: Path, env: dict[str, str],
+               extra: dict[str, Any], out: Path) -> None:
+    """K names for the same weights; each request names one at random; at most
+    `--mix-loaded` loaded: the gateway and mlx_lm.server (which swaps to whatever local model
+    a request names) swap on every switch."""
+    names = [f"bench-{i}" for i in range(args.mix)]
+    links = {}
+    for name in names:  # distinct paths, so mlx_lm.server sees distinct models
+        link = out / "mix" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(model_dir.resolve(), target_is_directory=True)
+        links[name] = link
+    async with contextlib.AsyncExitStack() as stack:
+        started = []
+        for name in [t for t in args.targets if t in ("gateway", "mlx_lm.server")]:
+            try:
+                if name == "gateway":
+                    started.append(await stack.enter_async_context(T.gateway(
+                        "gateway", links, out / "gateway-mix.log", env, extra,
+                        args.mix_streams, args.dtype, max_loaded=args.mix_loaded)))
+                else:
+                    t = await stack.enter_async_context(T.mlx_lm_server(
+                        links[names[0]], args.mix_streams, out / "mlx_lm_server-mix.log", env,
+                        extra))
+                    t.model_for = lambda m: str(links[m])
+                    started.append(t)
+            except (RuntimeError, TimeoutError, OSError) as e:
+                runner.notes.append(f"mix {name}: not run: {e}")
+        await runner.level(started, "mix", args.mix_streams, args.mix_streams,
+                           args.mix_requests, None, names)
+
+
+def _write(res: dict[str, Any], out: Path) -> str:
+    records = [Record(**r) for r in res["records"]]
+    ref = "in-process" if "in-process" in res["targets"] else None
+    gw = "gateway" if "gateway" in res["targets"] else None
+    rows = summarize(records, ref, gw)
+    res["summary"] = rows
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    with (out / "requests.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        names = [x.name for x in fields(Record) if x.name != "itl_s"]
+        w.writerow([*names, "tpot_s", "itl_p50_s", "itl_max_s"])
+        for r in records:
+            itl = sorted(r.itl_s)
+            w.writerow([getattr(r, n) for n in names] + [
+                r.tpot_s, itl[len(itl) // 2] if itl else "", itl[-1] if itl else ""])
+    table = markdown(rows, ref, gw)
+    m = res["machine"]
+    title = (f"{Path(res['model']).name}, prompt {res['prompt_tokens']} / output "
+             f"{res['max_tokens']} tokens; {m['gpu'] or m['cpu']} ({m['nproc']} cores)")
+    text = (f"{table}\n\n- command: `{res['command']}`\n- date {res['date']}, revision "
+            f"{res['revision']}, {title}; BLAS {res['blas']} threads "
+            f"{res['openblas_threads'] or 'default'}; {res['reps']} reps, order rotating\n")
+    text += "".join(f"- {n}\n" for n in res["notes"])
+    (out / "summary.md").write_text(text)
+    try:
+        from bench.plots import draw
+        for p in draw(rows, out, title):
+            text += f"- plot: {p}\n"
+    except ImportError:
+        text += "- no plots: matplotlib is not installed (pip install -e '.[bench]')\n"
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--targets", nargs="+", choices=ALL_TARGETS,
+                    default=["gateway", "in-process", "mlx_lm.server", "llama.cpp"])
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="an mlx-lm model dir (default: the packaged SmolLM2-135M-Instruct GGUF "
+                         "exported to one; see bench.make_model for random-weight shapes)")
+    ap.add_argument("--gguf", type=Path, default=None, help="the GGUF llama.cpp serves")
+    ap.add_argument("--dtype", default=None, help="the gateway's dtype for the model")
+    ap.add_argument("--streams", type=int, nargs="*", default=[1, 4, 16])
+    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--rates", type=float, nargs="*", default=[])
+    ap.add_argument("--open-requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=Span.parse, default=Span(128, 128), help="N or LO:HI")
+    ap.add_argument("--max-tokens", type=Span.parse, default=Span(64, 64), help="N or LO:HI")
+    ap.add_argument("--mix", type=int, default=0, help="models in the swap scenario (0: none)")
+    ap.add_argument("--mix-loaded", type=int, default=1)
+    ap.add_argument("--mix-streams", type=int, default=8)
+    ap.add_argument("--mix-requests", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=0, help="at least the largest --streams")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OPENBLAS_NUM_THREADS and llama.cpp --n_threads (0: CPU count)")
+    ap.add_argument("--peer-venv", type=Path, default=Path(sys.prefix),
+                    help="the venv holding vllm-mlx / mlx-serve (they pin other mlx-lm "
+                         "versions; default: this one)")
+    ap.add_argument("--url", default=None, help="base URL of a running server (…/v1)")
+    ap.add_argument("--url-name", default="url", help="its name in the tables")
+    ap.add_argument("--served-model", default=None, help="the model name --url serves")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="re-print the table and redraw the plots of a saved run")
+    args = ap.parse_args()
+    if args.report:
+        print(_write(json.loads(args.report.read_text()), args.report.parent))
+        return
+    if args.url and "url" not in args.targets:
+        args.targets.append("url")
+    args.threads = args.threads or os.cpu_count() or 1
+    out = args.out or OUT_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    res = asyncio.run(run(args, out))
+    print(_write(res, out))
+    print(f"results: {out} ({res['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
