@@ -100,12 +100,29 @@ def _revision() -> str:
 
 
 class Runner:
-    def __init__(self, args: argparse.Namespace, model_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, model_dir: Path, out: Path) -> None:
         self.args = args
         self.model_dir = model_dir
+        self.out = out
         self.records: list[Record] = []
         self.notes: list[str] = []
         self.bar: Any = None
+        self.meta: dict[str, Any] = {}
+
+    def log(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def result(self) -> dict[str, Any]:
+        return {**self.meta, "notes": self.notes,
+                "records": [asdict(r) for r in self.records]}
+
+    def checkpoint(self) -> None:
+        """results.json as it stands: a run cut short (a device time limit, a crash) keeps
+        what it measured; `--report` summarises it."""
+        (self.out / "results.json").write_text(json.dumps(self.result()) + "\n")
 
     def items(self, n: int, seed: int, models: list[str], max_tokens: Span | None = None
               ) -> list[Item]:
@@ -128,13 +145,20 @@ class Runner:
                 if self.bar is not None:
                     self.bar.set_description(f"{scenario} {level:g} {t.name} rep {rep}")
                 t0 = time.perf_counter()
-                recs = await t.run(items, scenario, level, rep, concurrency, times, self.done)
+                try:
+                    recs = await t.run(items, scenario, level, rep, concurrency, times,
+                                       self.done)
+                except (RuntimeError, OSError, ValueError, TimeoutError) as e:
+                    self.notes.append(f"{scenario} {level:g} {t.name} rep {rep} failed: {e!r}")
+                    self.log(self.notes[-1])
+                    continue
                 self.records += recs
-                if self.bar is None:
-                    tok = sum(r.completion_tokens for r in recs if not r.error)
-                    err = sum(1 for r in recs if r.error)
-                    print(f"{scenario} {level:g} {t.name} rep {rep}: {tok} tokens in "
-                          f"{time.perf_counter() - t0:.1f}s, {err} errors", file=sys.stderr)
+                tok = sum(r.completion_tokens for r in recs if not r.error)
+                err = sum(1 for r in recs if r.error)
+                dt = time.perf_counter() - t0
+                self.log(f"{scenario} {level:g} {t.name} rep {rep}: {tok} tokens in {dt:.1f}s "
+                         f"= {tok / dt:.1f} tok/s, {err} errors")
+        self.checkpoint()
 
     async def warm(self, targets: list[Any], concurrency: int, models: list[str]) -> None:
         """A short run per target at this concurrency: first-use costs (a GPU's kernel JIT
@@ -191,9 +215,18 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.threads:
         env["OPENBLAS_NUM_THREADS"] = str(args.threads)
     extra: dict[str, Any] = {"logit_bias": _eos_bias(model_dir)} if may_stop else {}
-    runner = Runner(args, model_dir)
+    runner = Runner(args, model_dir, out)
     started: list[Any] = []
     t_start = time.perf_counter()
+    runner.meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "machine": _machine(), "revision": _revision(), "model": str(model_dir),
+        "gguf": str(gguf) if gguf else None, "blas": env.get("LD_PRELOAD", "none"),
+        "openblas_threads": env.get("OPENBLAS_NUM_THREADS", ""),
+        "prompt_tokens": str(args.prompt_tokens), "max_tokens": str(args.max_tokens),
+        "logit_bias": extra.get("logit_bias"), "reps": args.reps, "targets": args.targets,
+    }
     async with contextlib.AsyncExitStack() as stack:
         for name in args.targets:
             try:
@@ -206,6 +239,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             + len(args.rates) * args.open_requests)
         if args.mix:
             total += args.reps * 2 * args.mix_requests
+        runner.meta["targets"] = [t.name for t in started]
         runner.bar = _progress(total)
         for n in args.streams:
             await runner.warm(started, n, ["bench"])
@@ -217,18 +251,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         await _mix(runner, args, model_dir, env, extra, out)
     if runner.bar is not None:
         runner.bar.close()
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "machine": _machine(), "revision": _revision(), "model": str(model_dir),
-        "gguf": str(gguf) if gguf else None, "blas": env.get("LD_PRELOAD", "none"),
-        "openblas_threads": env.get("OPENBLAS_NUM_THREADS", ""),
-        "prompt_tokens": str(args.prompt_tokens), "max_tokens": str(args.max_tokens),
-        "logit_bias": extra.get("logit_bias"), "reps": args.reps,
-        "targets": [t.name for t in started], "notes": runner.notes,
-        "total_s": time.perf_counter() - t_start,
-        "records": [asdict(r) for r in runner.records],
-    }
+    return {**runner.result(), "total_s": time.perf_counter() - t_start}
 
 
 async def _mix(runner: Runner, args: argparse.Namespace, model_dir: Path, env: dict[str, str],
@@ -269,6 +292,7 @@ def _write(res: dict[str, Any], out: Path) -> str:
     ref = "in-process" if "in-process" in res["targets"] else None
     gw = "gateway" if "gateway" in res["targets"] else None
     rows = summarize(records, ref, gw)
+    res.setdefault("total_s", float("nan"))
     res["summary"] = rows
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     with (out / "requests.csv").open("w", newline="") as f:

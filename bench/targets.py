@@ -34,6 +34,7 @@ from bench.workload import Item
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 900.0
+RESULT_LINE_LIMIT = 1 << 28  # one RESULT line holds every token time of a run
 OnDone = Callable[[Record], None]
 
 
@@ -205,7 +206,7 @@ async def inprocess(name: str, model: Path, max_batch: int, env: dict[str, str],
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.inprocess", str(model), "--max-batch", str(max_batch),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-        start_new_session=True)
+        start_new_session=True, limit=RESULT_LINE_LIMIT)
     target = InProcessTarget(name, proc, logit_bias)
     try:
         await asyncio.wait_for(target._line("READY"), START_TIMEOUT_S)

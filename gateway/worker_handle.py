@@ -14,6 +14,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,10 @@ from worker import protocol as p
 
 log = logging.getLogger("mlxgw.supervisor")
 
-HEARTBEAT_TIMEOUT_S = 60.0  # a step of a huge prefill on a slow CPU stays well under this
+# Silence longer than this (no heartbeat, no pulse, nothing) means the worker process is frozen
+# (stopped, or stuck holding the GIL): it is killed. Long steps do not count: the worker's pulse
+# thread speaks while they run. MLX_GW_HEARTBEAT_TIMEOUT (seconds) overrides it.
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("MLX_GW_HEARTBEAT_TIMEOUT", "60"))
 LOAD_RETRY_BASE_S = 1.0
 LOAD_RETRY_MAX_S = 30.0
 

@@ -49,3 +49,20 @@ def test_broken_gguf_fails_its_load_and_the_rest_keep_serving(start_gateway, tin
     ok = httpx.post(gw.url + "/v1/chat/completions", timeout=60,
                     json={"model": "ok", "messages": QUESTION, "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_step_longer_than_the_heartbeat_timeout_is_not_a_hung_worker(start_gateway) -> None:
+    """One engine step can rightly outlast the heartbeat timeout (on a GPU the first step of
+    each shape compiles kernels for a minute): the worker's pulse thread keeps it alive.
+    Here the timeout is 1 s and one prefill step of a ~1,500-token prompt takes longer."""
+    gw = start_gateway({"models": {"m": {"type": "llm", "path": str(GGUF),
+                                         "dtype": "float32"}}},
+                       env={"MLX_GW_HEARTBEAT_TIMEOUT": "1"})
+    r = httpx.post(gw.url + "/v1/completions", timeout=300, json={
+        "model": "m", "prompt": "The history of the city of Paris. " * 200, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 1200
+    events = httpx.get(gw.url + "/api/events", timeout=10).json()
+    events = events["events"] if isinstance(events, dict) else events
+    assert [e["type"] for e in events if e["type"] in ("ready", "crash")] == ["ready"]
+    assert "no heartbeat" not in gw.log()

@@ -2,7 +2,10 @@
 
 MLX is touched by this thread only. While a batch is running the loop never blocks: it drains
 whatever arrived on the socket (new requests join the batch, cancels leave it), runs one engine
-step, ships that step's deltas in one frame, and sends a heartbeat once a second.
+step, ships that step's deltas in one frame, and sends a heartbeat (with memory and counters)
+once a second. A pulse thread tells the gateway the process is alive every PULSE_INTERVAL_S
+even while one step runs long: MLX releases the GIL while it computes, and a GPU's first step
+of each shape compiles kernels for tens of seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from worker import protocol as p
 log = logging.getLogger("mlxgw.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
+PULSE_INTERVAL_S = 0.5
 COALESCE_MAX_S = 0.004  # longest an idle worker waits for the rest of a burst
 COALESCE_QUIET_MS = 1  # ... stopping as soon as the socket is quiet this long
 PARENT_POLL_S = 0.5
@@ -46,6 +50,25 @@ def watch_parent(parent_pid: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
+def start_pulse(ctx: zmq.Context, tx_addr: str) -> None:
+    """Send `Pulse` every PULSE_INTERVAL_S from a thread with its own socket (a zmq socket
+    belongs to one thread); a gateway that stopped reading never blocks it."""
+    frame = p.encode(p.Pulse())
+
+    def pulse() -> None:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(tx_addr)
+        while True:
+            time.sleep(PULSE_INTERVAL_S)
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    threading.Thread(target=pulse, name="pulse", daemon=True).start()
 
 
 def memory_bytes() -> int:
@@ -147,6 +170,7 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
             device=str(mx.default_device()),
         )
     )
+    start_pulse(ctx, tx_addr)
     code = _serve(engine, rx, send, load.name)
     tx.close()  # linger flushes what is queued
     # Skip interpreter teardown (MLX and tokenizer finalizers): an eviction is waiting on us.

@@ -179,6 +179,12 @@ class Heartbeat(_Msg, tag="hb"):
     generation_tokens_total: int = 0
 
 
+class Pulse(_Msg, tag="pulse"):
+    """Liveness from the worker's pulse thread, every PULSE_INTERVAL_S whatever the loop is
+    doing: one step may rightly take minutes (a GPU's first kernels compile inside it), and
+    that is not a hung worker."""
+
+
 class Embeddings(_Msg, tag="emb"):
     """The vectors of one `Embed`, in input order: each float32 little-endian, L2-normalised."""
 
@@ -208,7 +214,8 @@ class AudioChunk(_Msg, tag="pcm"):
     final: bool = False
 
 
-FromWorker = Hello | Ready | Outputs | Error | Heartbeat | Embeddings | Transcription | AudioChunk
+FromWorker = (Hello | Ready | Outputs | Error | Heartbeat | Pulse | Embeddings | Transcription
+              | AudioChunk)
 # One-shot or chunked answers to a request, other than text `Outputs` (routed by `rid`).
 RESULTS = (Embeddings, Transcription, AudioChunk)
 
