@@ -136,14 +136,19 @@ class Supervisor:
         self._idle.clear()
         phase = "held"
         try:
-            await self._waiting(self._hold(h), heartbeat)
+            # Awaited only when there is something to wait for: a request passing straight
+            # through to a ready model must not count as waiting, even for one loop turn (a
+            # burst of them would fill max_queue).
+            if self._must_hold(h):
+                await self._waiting(self._hold(h), heartbeat)
             h.held -= 1
             h.loading += 1
             phase = "loading"
             h.tickets[lid] = (h.tickets[lid][0], phase)
             if keep_alive is not UNSET and touch:
                 h.keep_alive = keep_alive
-            await self._waiting(h.ensure_ready(), heartbeat)
+            if h.state is not State.READY:
+                await self._waiting(h.ensure_ready(), heartbeat)
             h.loading -= 1
             h.running += 1
             phase = "running"
@@ -191,16 +196,20 @@ class Supervisor:
         """Hold a new request for a resident model while another model has starved for room
         longer than starvation_timeout, so this one drains and the other gets its turn
         (bounded by queue_timeout; then it goes ahead)."""
-        gw = self.config.gateway
-        deadline = time.monotonic() + gw.queue_timeout
-        while h.state is State.READY and not h.model.pin and time.monotonic() < deadline:
-            now = time.monotonic()
-            if not any(n != h.model.name and now - since >= gw.starvation_timeout
-                       for n, since in self._starving.items()):
-                return
+        deadline = time.monotonic() + self.config.gateway.queue_timeout
+        while self._must_hold(h) and time.monotonic() < deadline:
             change = self._change
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(change.wait(), deadline - now)
+                await asyncio.wait_for(change.wait(), deadline - time.monotonic())
+
+    def _must_hold(self, h: WorkerHandle) -> bool:
+        """Whether a new request for `h` should wait: it is resident, unpinned, and another
+        model has starved for room longer than starvation_timeout."""
+        if h.state is not State.READY or h.model.pin:
+            return False
+        now, limit = time.monotonic(), self.config.gateway.starvation_timeout
+        return any(n != h.model.name and now - since >= limit
+                   for n, since in self._starving.items())
 
     def queue(self) -> dict[str, list[dict[str, Any]]]:
         now = time.monotonic()
