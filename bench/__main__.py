@@ -28,18 +28,15 @@ import csv
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench import targets as T
 from bench.client import Record
+from bench.machine import machine, revision
 from bench.make_model import RANDOM_MARK
 from bench.stats import markdown, summarize
 from bench.workload import Item, Span, arrivals, build
@@ -76,27 +73,6 @@ def _eos_bias(model_dir: Path) -> dict[str, float]:
     request runs to max_tokens on every engine (the OpenAI parameter all of them take)."""
     eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id", [])
     return {str(t): -100.0 for t in ([eos] if isinstance(eos, int) else eos)}
-
-
-def _machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open()
-                if line.startswith("model name")), platform.processor())
-    gpu = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu,
-            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-def _revision() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Runner:
@@ -152,6 +128,11 @@ class Runner:
                     self.notes.append(f"{scenario} {level:g} {t.name} rep {rep} failed: {e!r}")
                     self.log(self.notes[-1])
                     continue
+                for rec, item in zip(recs, items, strict=True):
+                    # Every request is meant to run to max_tokens (EOS banned or never picked):
+                    # a shorter one was cut off, and its tokens would flatter the tok/s.
+                    if not rec.error and rec.completion_tokens < item.max_tokens:
+                        rec.error = f"short: {rec.completion_tokens} of {item.max_tokens} tokens"
                 self.records += recs
                 tok = sum(r.completion_tokens for r in recs if not r.error)
                 err = sum(1 for r in recs if r.error)
@@ -221,7 +202,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     runner.meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "machine": _machine(), "revision": _revision(), "model": str(model_dir),
+        "machine": machine(), "revision": revision(), "model": str(model_dir),
         "gguf": str(gguf) if gguf else None, "blas": env.get("LD_PRELOAD", "none"),
         "openblas_threads": env.get("OPENBLAS_NUM_THREADS", ""),
         "prompt_tokens": str(args.prompt_tokens), "max_tokens": str(args.max_tokens),
@@ -364,6 +345,7 @@ def main() -> None:
         args.targets.append("url")
     args.threads = args.threads or os.cpu_count() or 1
     out = args.out or OUT_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out.resolve()  # the mix scenario links model dirs under it
     out.mkdir(parents=True, exist_ok=True)
     res = asyncio.run(run(args, out))
     print(_write(res, out))

@@ -26,9 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +38,10 @@ from typing import Any
 import aiohttp
 import psutil
 
+from bench.machine import machine, revision
 from bench.make_model import DEFAULT_DIR, ensure_model, prompt_ids
 from bench.report import Run, markdown, median, report, summary
+from bench.targets import read_prefixed
 from gateway.blas import fast_blas_env
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -88,11 +88,7 @@ class InProcess:
                 await proc.wait()
 
     async def _line(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        while line := (await self.proc.stdout.readline()).decode():
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
-        raise RuntimeError(f"bench.inprocess exited with {await self.proc.wait()}")
+        return await read_prefixed(self.proc, prefix)
 
     async def run(self, prompt: list[int], n: int, max_tokens: int) -> Run:
         assert self.proc.stdin is not None
@@ -273,7 +269,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join(["python -m bench.gateway_vs_inprocess", *sys.argv[1:]]),
-        "machine": _machine(), "revision": _revision(),
+        "machine": machine(), "revision": revision(),
         "blas": blas.get("LD_PRELOAD", "none (reference BLAS)"),
         "model": str(model), "prompt_tokens": len(prompt), "max_tokens": args.max_tokens,
         "max_batch": max_batch, "reps": args.reps, "profiled": bool(profile),
@@ -284,23 +280,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [asdict(r) | {"tok_s": r.tok_s} for r in runs],
         "summary": summary(runs, args.streams, ttft),
     }
-
-
-def _revision() -> str:
-    """The checkout measured: `git describe --always --dirty`, or "unknown"."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open()
-                if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": psutil.virtual_memory().total / 2**30,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def main() -> None:

@@ -24,16 +24,35 @@ def _series(rows: list[dict[str, Any]], scenario: str) -> dict[str, list[dict[st
 
 def _panel(ax: Any, series: dict[str, list[dict[str, Any]]], keys: Iterable[tuple[str, str]],
            xlabel: str, ylabel: str, log_x: bool) -> None:
-    for target, rows in series.items():
-        for key, style in keys:
+    import matplotlib
+
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = list(keys)
+    for i, (target, rows) in enumerate(series.items()):
+        for key, style in keys:  # one colour per target, one line style per percentile
             ax.plot([r["level"] for r in rows], [r[key] for r in rows], style, marker="o",
-                    label=f"{target} {key.split('_')[1]}" if len(list(keys)) > 1 else target)
+                    color=colors[i % len(colors)],
+                    label=f"{target} {key.split('_')[1]}" if len(keys) > 1 else target)
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _pair(plt: Any, series: dict[str, list[dict[str, Any]]],
+          panels: list[tuple[list[tuple[str, str]], str]], xlabel: str, log_x: bool,
+          title: str, path: Path) -> Path:
+    """Two panels side by side, each (keys, y label), saved to `path`."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (keys, ylabel) in zip(axes, panels, strict=True):
+        _panel(ax, series, keys, xlabel, ylabel, log_x)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def draw(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
@@ -44,6 +63,7 @@ def draw(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    ttft = ([("ttft_p50_ms", "-"), ("ttft_p99_ms", "--")], "time to first token (ms)")
     closed = _series(rows, "closed")
     if closed:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -53,27 +73,14 @@ def draw(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
         written.append(out_dir / "throughput.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        _panel(axes[0], closed, [("ttft_p50_ms", "-"), ("ttft_p99_ms", "--")],
-               "concurrent streams", "time to first token (ms)", True)
-        _panel(axes[1], closed, [("tpot_p50_ms", "-"), ("tpot_p99_ms", "--")],
-               "concurrent streams", "time per output token (ms)", True)
-        fig.suptitle(f"Latency percentiles (closed loop)\n{title}", fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "latency.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        tpot = ([("tpot_p50_ms", "-"), ("tpot_p99_ms", "--")], "time per output token (ms)")
+        written.append(_pair(plt, closed, [ttft, tpot], "concurrent streams", True,
+                             f"Latency percentiles (closed loop)\n{title}",
+                             out_dir / "latency.png"))
     open_ = _series(rows, "open")
     if open_:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        _panel(axes[0], open_, [("ttft_p50_ms", "-"), ("ttft_p99_ms", "--")],
-               "offered rate (requests/s)", "time to first token (ms)", False)
-        _panel(axes[1], open_, [("e2e_p50_s", "-"), ("e2e_p99_s", "--")],
-               "offered rate (requests/s)", "end-to-end latency (s)", False)
-        fig.suptitle(f"Open loop (Poisson arrivals)\n{title}", fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "open_loop.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        e2e = ([("e2e_p50_s", "-"), ("e2e_p99_s", "--")], "end-to-end latency (s)")
+        written.append(_pair(plt, open_, [ttft, e2e], "offered rate (requests/s)", False,
+                             f"Open loop (Poisson arrivals)\n{title}",
+                             out_dir / "open_loop.png"))
     return written

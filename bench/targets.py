@@ -95,11 +95,7 @@ class InProcessTarget:
         self.pids = [proc.pid]
 
     async def _line(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        while line := (await self.proc.stdout.readline()).decode():
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
-        raise RuntimeError(f"bench.inprocess exited with {await self.proc.wait()}")
+        return await read_prefixed(self.proc, prefix)
 
     async def run(self, items: list[Item], scenario: str, level: float, rep: int,
                   concurrency: int | None, arrivals: list[float] | None,
@@ -118,6 +114,15 @@ class InProcessTarget:
             on_done(rec)
             records.append(rec)
         return records
+
+
+async def read_prefixed(proc: asyncio.subprocess.Process, prefix: str) -> str:
+    """The rest of the child's next stdout line that starts with `prefix`."""
+    assert proc.stdout is not None
+    while line := (await proc.stdout.readline()).decode():
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    raise RuntimeError(f"bench.inprocess exited with {await proc.wait()}")
 
 
 def free_port() -> int:
@@ -230,11 +235,13 @@ def mlx_lm_server(model: Path, max_batch: int, log: Path, env: dict[str, str],
 
 def llama_cpp_server(gguf: Path, threads: int, log: Path, env: dict[str, str],
                      extra: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[HttpTarget]:
-    """llama-cpp-python's server on the GGUF (it serves one request at a time)."""
+    """llama-cpp-python's server on the GGUF: one request at a time, the rest queue."""
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
             "--model_alias", "bench", "--port", str(port), "--n_threads", str(threads),
-            "--n_ctx", "4096", "--verbose", "False"]
+            "--n_ctx", "4096", "--verbose", "False",
+            # its default lets each new request cut off the one being generated
+            "--interrupt_requests", "False"]
     return server("llama.cpp", argv, "/v1/models", port, log, env, lambda m: "bench", extra)
 
 

@@ -1,0 +1,76 @@
+"""The benchmark harness itself, end to end: `python -m bench` starts a real gateway and the
+in-process mlx-lm child on a tiny model, runs closed- and open-loop workloads through both and
+writes the table, JSON, CSV and plots. (The figures it produces are in bench/RESULTS.md; this
+only checks that the harness measures what it says.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--targets", "gateway", "in-process",
+         "--model-dir", str(tiny_dir / "tiny-0"), "--streams", "1", "3",
+         "--requests-per-stream", "2", "--max-tokens", "6:10", "--prompt-tokens", "20:40",
+         "--rates", "20", "--open-requests", "4", "--reps", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["targets"] == ["gateway", "in-process"] and res["notes"] == []
+    # The tiny model may emit EOS: the harness bans it through logit_bias on both sides.
+    assert res["logit_bias"]
+    records = res["records"]
+    # closed: (1 + 3) streams x 2 requests each, open: 4; per target and rep
+    assert len(records) == 2 * 2 * (2 + 6 + 4)
+    assert all(r["error"] == "" for r in records)
+    for side in ("gateway", "in-process"):
+        mine = [r for r in records if r["target"] == side]
+        assert all(6 <= r["completion_tokens"] <= 10 for r in mine)
+        assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in mine)
+        # One gap per token after the first; over HTTP a token whose text is still incomplete
+        # (part of a UTF-8 character) shares the next token's chunk.
+        gaps = [len(r["itl_s"]) - (r["completion_tokens"] - 1) for r in mine]
+        assert all(g == 0 for g in gaps) if side == "in-process" else all(g <= 0 for g in gaps)
+        assert {r["scenario"] for r in mine} == {"closed", "open"}
+    # Both sides got the same requests: same output lengths, in the same order.
+    for rep in (0, 1):
+        lengths = {side: [r["completion_tokens"] for r in records
+                          if r["target"] == side and r["rep"] == rep]
+                   for side in ("gateway", "in-process")}
+        assert lengths["gateway"] == lengths["in-process"]
+    # The gateway counted the same prompt tokens as the in-process tokenizer. (A prompt is the
+    # text of 20-40 token ids; encoding that text again may merge a few of them.)
+    gw = [r["prompt_tokens"] for r in records if r["target"] == "gateway"]
+    inproc = [r["prompt_tokens"] for r in records if r["target"] == "in-process"]
+    assert gw == inproc and min(gw) >= 10 and max(gw) <= 40
+
+    rows = res["summary"]
+    assert {(r["scenario"], r["level"], r["target"]) for r in rows} == {
+        (s, lv, t) for s, lv in (("closed", 1), ("closed", 3), ("open", 20))
+        for t in ("gateway", "in-process")}
+    for r in rows:
+        assert r["tok_s"] > 0 and r["errors"] == 0
+        assert r["vs_reference"] > 0 and r["gateway_vs_this"] > 0
+        if r["target"] == "in-process":
+            assert r["vs_reference"] == 1.0
+    assert "| closed | 3 streams | gateway |" in proc.stdout
+    with (out / "requests.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    for png in ("throughput.png", "latency.png", "open_loop.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The harness stopped everything it started.
+    ours = ("-m bench.inprocess", "-m gateway.cli", "-m worker")
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                and any(s in " ".join(p.info["cmdline"] or []) for s in ours)]
+    assert leftover == []
