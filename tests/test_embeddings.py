@@ -175,7 +175,7 @@ def test_llm_and_embedder_resident_together_and_crash_contained(gw: GatewayProc)
     os.kill(rows["bert"]["pid"], signal.SIGKILL)
     wait_for(lambda: "bert" not in {m["name"] for m in gw.ps()}, what="the crash to register")
     r = c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "hi"}],
-                                  max_tokens=2)
+                                  max_tokens=2, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 2
     assert {m["name"]: m for m in gw.ps()}["llm"]["pid"] == rows["llm"]["pid"]
     # the next embedding request restarts the crashed worker

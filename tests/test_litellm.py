@@ -29,7 +29,8 @@ def test_litellm_completion_and_stream(gateway: GatewayProc) -> None:
 
 def test_litellm_passes_keep_alive_through_extra_body(gateway: GatewayProc) -> None:
     r = litellm.completion(model="openai/tiny-1", api_base=gateway.url + "/v1", api_key="x",
-                           messages=MESSAGES, max_tokens=2, extra_body={"keep_alive": "1m"})
+                           messages=MESSAGES, max_tokens=2,
+                           extra_body={"keep_alive": "1m", "ignore_eos": True})
     assert r.usage.completion_tokens == 2
 
 
