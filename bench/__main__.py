@@ -15,7 +15,7 @@ prints a markdown table and writes results.json, requests.csv, summary.md and PN
 
     python -m bench                                     # SmolLM2-135M, 1/4/16 streams
     python -m bench --streams 1 16 64 --rates 2 4 --mix 3
-    python -m bench --targets url --url http://127.0.0.1:8000/v1 --served-model my-model
+    python -m bench --targets url --url http://127.0.0.1:8000/v1 --served-model M --ban-eos off
     python -m bench --report bench/out/bench-DATE/results.json   # re-print + re-plot
 """
 
@@ -84,6 +84,7 @@ class Runner:
         self.notes: list[str] = []
         self.bar: Any = None
         self.meta: dict[str, Any] = {}
+        self.exact = True  # a request ending short of its max_tokens is an error
 
     def log(self, line: str) -> None:
         if self.bar is not None:
@@ -128,11 +129,8 @@ class Runner:
                     self.notes.append(f"{scenario} {level:g} {t.name} rep {rep} failed: {e!r}")
                     self.log(self.notes[-1])
                     continue
-                for rec, item in zip(recs, items, strict=True):
-                    # Every request is meant to run to max_tokens (EOS banned or never picked):
-                    # a shorter one was cut off, and its tokens would flatter the tok/s.
-                    if not rec.error and rec.completion_tokens < item.max_tokens:
-                        rec.error = f"short: {rec.completion_tokens} of {item.max_tokens} tokens"
+                if self.exact:
+                    _flag_short(recs, items)
                 self.records += recs
                 tok = sum(r.completion_tokens for r in recs if not r.error)
                 err = sum(1 for r in recs if r.error)
@@ -150,6 +148,14 @@ class Runner:
             bad = [r.error for r in recs if r.error]
             if bad:
                 self.notes.append(f"warm-up on {t.name} at {concurrency}: {bad[0]}")
+
+
+def _flag_short(records: list[Record], items: list[Item]) -> None:
+    """Every request is meant to run to its max_tokens (EOS banned or never picked): a shorter
+    one was cut off, and counting its tokens would flatter the tok/s."""
+    for rec, item in zip(records, items, strict=True):
+        if not rec.error and rec.completion_tokens < item.max_tokens:
+            rec.error = f"short: {rec.completion_tokens} of {item.max_tokens} tokens"
 
 
 async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Namespace,
@@ -195,8 +201,11 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ, **fast_blas_env()}
     if args.threads:
         env["OPENBLAS_NUM_THREADS"] = str(args.threads)
-    extra: dict[str, Any] = {"logit_bias": _eos_bias(model_dir)} if may_stop else {}
+    ban = may_stop if args.ban_eos == "auto" else args.ban_eos == "on"
+    extra: dict[str, Any] = {"logit_bias": _eos_bias(model_dir)} if ban else {}
     runner = Runner(args, model_dir, out)
+    # Every request should then run to max_tokens; with EOS allowed a real model may stop.
+    runner.exact = ban or not may_stop
     started: list[Any] = []
     t_start = time.perf_counter()
     runner.meta = {
@@ -331,6 +340,11 @@ def main() -> None:
     ap.add_argument("--peer-venv", type=Path, default=Path(sys.prefix),
                     help="the venv holding vllm-mlx / mlx-serve (they pin other mlx-lm "
                          "versions; default: this one)")
+    ap.add_argument("--ban-eos", choices=["auto", "on", "off"], default="auto",
+                    help="send logit_bias -100 on the model's end-of-generation ids so every "
+                         "request runs to max_tokens (auto: unless the model is a random-weight "
+                         "one from bench.make_model; off for a --url server with another "
+                         "vocabulary, and then short outputs are not errors)")
     ap.add_argument("--url", default=None, help="base URL of a running server (…/v1)")
     ap.add_argument("--url-name", default="url", help="its name in the tables")
     ap.add_argument("--served-model", default=None, help="the model name --url serves")
