@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_vs_inprocess import OUT_DIR, _machine, _revision
+from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import ConfigGateway, med, smollm2_gguf
+from bench.machine import machine, revision
 from bench.vs_llamacpp import LLAMA, LlamaServer, Tokens, _config, streams
 
 
@@ -59,7 +60,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"{r['load1']:.1f}", file=sys.stderr, flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "command": " ".join(["python -m bench.blas_threads", *sys.argv[1:]]),
-            "machine": _machine(), "revision": _revision(), "reps": args.reps,
+            "machine": machine(), "revision": revision(), "reps": args.reps,
             "max_tokens": args.max_tokens, "streams": args.streams,
             "load_start": " / ".join(f"{x:.1f}" for x in load_start),
             "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),

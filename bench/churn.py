@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_vs_inprocess import OUT_DIR, _machine, _revision
+from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import ConfigGateway, chat, load1, med
+from bench.machine import machine, revision
 
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
 MAX_TOKENS = 8
@@ -124,7 +125,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                    "req_s_all": [round(r["req_s"], 2) for r in rs]} for c, rs in runs.items()}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "command": " ".join(["python -m bench.churn", *sys.argv[1:]]),
-            "machine": _machine(), "revision": _revision(), "clients": args.clients,
+            "machine": machine(), "revision": revision(), "clients": args.clients,
             "requests": args.requests, "reps": args.reps, "max_tokens": MAX_TOKENS,
             "run_lengths": args.run_lengths,
             "load_start": " / ".join(f"{x:.1f}" for x in load_start),

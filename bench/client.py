@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-__all__ = ["Record", "complete"]
+__all__ = ["Record", "complete", "sse_events"]
 
 
 @dataclass
@@ -46,6 +47,18 @@ class Record:
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
 
 
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of an OpenAI-style SSE stream, up to `[DONE]` (comments and other
+    lines skipped)."""
+    async for line in resp.content:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def complete(session: aiohttp.ClientSession, base_url: str, rec: Record,
                    body: dict[str, Any], t0: float) -> Record:
     """POST `body` (a streaming completion) to `base_url`/completions (or /chat/completions)
@@ -61,13 +74,7 @@ async def complete(session: aiohttp.ClientSession, base_url: str, rec: Record,
             if resp.status != 200:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return rec
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_events(resp):
                 if "error" in chunk:
                     rec.error = f"stream error: {str(chunk['error'])[:200]}"
                     break

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_vs_inprocess import OUT_DIR, _machine, _revision
+from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import ConfigGateway, blas_desc, chat, load1, med, smollm2_gguf
+from bench.machine import machine, revision
 from gateway.blas import fast_blas_env
 
 MODEL = "cold"
@@ -184,7 +185,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     models = {m: await bench_model(m, *paths[m], args.reps) for m in args.models}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "command": " ".join(["python -m bench.cold_start", *sys.argv[1:]]),
-            "machine": _machine(), "revision": _revision(), "reps": args.reps,
+            "machine": machine(), "revision": revision(), "reps": args.reps,
             "blas": blas_desc(),
             "load_start": " / ".join(f"{x:.1f}" for x in load_start),
             "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),

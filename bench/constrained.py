@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_vs_inprocess import MODEL_NAME, OUT_DIR, Gateway, _machine, _revision
+from bench.client import sse_events
+from bench.gateway_vs_inprocess import MODEL_NAME, OUT_DIR, Gateway
+from bench.machine import machine, revision
 from bench.make_model import ensure_model
 
 SCHEMA = {"type": "object", "properties": {"values": {
@@ -64,10 +66,7 @@ async def _stream(gw: Gateway, i: int, max_tokens: int, constrained: bool
     async with gw.session.post(gw.url + "/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-        async for line in resp.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_events(resp):
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {chunk['error']}")
             if chunk.get("usage"):
@@ -114,7 +113,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "median_free_tok_s": statistics.median(a),
             "median_constrained_tok_s": statistics.median(b),
             "ratio": statistics.median(b) / statistics.median(a),
-            "revision": _revision(), "machine": _machine()}
+            "revision": revision(), "machine": machine()}
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -30,14 +30,15 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import psutil
 
+from bench.client import sse_events
 from bench.machine import machine, revision
 from bench.make_model import DEFAULT_DIR, ensure_model, prompt_ids
 from bench.report import Run, markdown, median, report, summary
@@ -105,6 +106,8 @@ class InProcess:
 class Gateway:
     """An `mlx-gw start --foreground` child serving one model, and a client for it."""
 
+    log: Path
+
     def __init__(self, proc: asyncio.subprocess.Process, url: str,
                  session: aiohttp.ClientSession) -> None:
         self.proc = proc
@@ -115,25 +118,36 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def start(cls, model: Path, max_batch: int, log: Path,
                     profile: Path | None) -> AsyncIterator[Gateway]:
+        config = ("gateway: {port: 0, warm_spare: false}\n"
+                  f"models:\n  {MODEL_NAME}: {{type: llm, path: {model}, dtype: float32, "
+                  f"max_batch: {max_batch}, keep_alive: -1}}\n")
+        pre = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        async with cls.launch(config, log, pre=pre) as gw:
+            yield gw
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(cls, config_yaml: str, log: Path, env: Mapping[str, str] | None = None,
+                     pre: Sequence[str] = ()) -> AsyncIterator[Self]:
+        """A gateway started from `config_yaml` in a fresh MLX_GW_HOME, its stderr in `log`,
+        stopped (SIGTERM, then SIGKILL) on exit. `pre`: interpreter options (cProfile)."""
         home = Path(tempfile.mkdtemp(prefix="mlxgw-bench-"))
         config = home / "models.yaml"
-        config.write_text(
-            "gateway: {port: 0, warm_spare: false}\n"
-            f"models:\n  {MODEL_NAME}: {{type: llm, path: {model}, dtype: float32, "
-            f"max_batch: {max_batch}, keep_alive: -1}}\n")
-        pre = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        config.write_text(config_yaml)
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, *pre, "-m", "gateway.cli", "start", "--foreground",
                 "--config", str(config), "--port", "0",
                 stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**os.environ, "MLX_GW_HOME": str(home)})
+                env={**os.environ, **(env or {}), "MLX_GW_HOME": str(home)})
         try:
             url = await asyncio.wait_for(cls._listening(proc), START_TIMEOUT_S)
             timeout = aiohttp.ClientTimeout(total=RUN_TIMEOUT_S)
             async with aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-                yield cls(proc, url, session)
+                self = cls(proc, url, session)
+                self.log = log
+                yield self
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -168,10 +182,7 @@ class Gateway:
         async with self.session.post(self.url + "/v1/completions", json=body) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-            async for line in resp.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_events(resp):
                 if "error" in chunk:
                     raise RuntimeError(f"stream error: {chunk['error']}")
                 if chunk.get("usage"):

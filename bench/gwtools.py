@@ -8,15 +8,10 @@ one OpenAI chat request timed (TTFT = first chunk with content), the gateway log
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
-import signal
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +19,8 @@ from typing import Any
 import aiohttp
 import psutil
 
+from bench.client import sse_events
 from bench.gateway_vs_inprocess import (
-    RUN_TIMEOUT_S,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     Gateway,
 )
 from config import DEFAULT_MODELS, locate_default_model
@@ -74,39 +67,8 @@ class Chat:
 
 
 class ConfigGateway(Gateway):
-    """`Gateway` started from a given models.yaml text, with its stderr kept in `log`."""
-
-    log: Path
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def launch(cls, config_yaml: str, log: Path, env: Mapping[str, str] | None = None
-                     ) -> AsyncIterator[ConfigGateway]:
-        home = Path(tempfile.mkdtemp(prefix="mlxgw-bench-"))
-        config = home / "models.yaml"
-        config.write_text(config_yaml)
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.cli", "start", "--foreground",
-                "--config", str(config), "--port", "0",
-                stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**os.environ, **(env or {}), "MLX_GW_HOME": str(home)})
-        try:
-            url = await asyncio.wait_for(cls._listening(proc), START_TIMEOUT_S)
-            timeout = aiohttp.ClientTimeout(total=RUN_TIMEOUT_S)
-            async with aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-                self = cls(proc, url, session)
-                self.log = log
-                yield self
-        finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    """`Gateway` (started with `launch(config_yaml, log, env)`) with the helpers of the swap,
+    cold-start and llama.cpp benchmarks."""
 
     def log_count(self, needle: str) -> int:
         return self.log.read_text(errors="replace").count(needle)
@@ -161,10 +123,7 @@ async def chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
                 return Chat(total, total, usage.get("completion_tokens", -1),
                             usage.get("prompt_tokens", -1),
                             data["choices"][0].get("finish_reason") or "")
-            async for line in resp.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_events(resp):
                 if "error" in chunk:
                     return Chat(ttft, time.perf_counter() - t0, tokens, prompt, finish,
                                 f"stream error: {chunk['error']}")

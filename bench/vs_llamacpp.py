@@ -38,8 +38,9 @@ from typing import Any
 
 import aiohttp
 
-from bench.gateway_vs_inprocess import OUT_DIR, _machine, _revision
+from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import Chat, ConfigGateway, blas_desc, chat, load1, med, smollm2_gguf
+from bench.machine import machine, revision
 from gateway.blas import blas_in_use
 
 MODEL = "smol"
@@ -207,7 +208,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       file=sys.stderr, flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "command": " ".join(["python -m bench.vs_llamacpp", *sys.argv[1:]]),
-            "machine": _machine(), "revision": _revision(), "gguf": str(gguf),
+            "machine": machine(), "revision": revision(), "gguf": str(gguf),
             "reps": args.reps, "max_tokens": args.max_tokens, "streams": args.streams,
             "threads": args.threads,
             "prompt_tokens": args.prompt_tokens,

@@ -74,3 +74,14 @@ def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path
     leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
                 and any(s in " ".join(p.info["cmdline"] or []) for s in ours)]
     assert leftover == []
+
+
+def test_every_bench_script_imports() -> None:
+    """The scripts outside this test share helpers; a helper renamed in one place must not
+    leave another script unable to start (it happened: bench.churn imported a removed name)."""
+    import importlib
+
+    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
+    assert {"__main__", "churn", "gateway_vs_inprocess", "targets"} <= set(names)
+    for name in names:
+        importlib.import_module(f"bench.{name}")
