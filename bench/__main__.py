@@ -195,7 +195,7 @@ async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Nam
 
 
 async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from gateway.blas import fast_blas_env
+    from mlx_gw.gateway.supervision.blas import fast_blas_env
 
     model_dir, gguf, may_stop = _model(args)
     env = {**os.environ, **fast_blas_env()}

@@ -7,7 +7,8 @@ Prints "LOADING" just before the load, then one JSON line with `time.monotonic()
 running), `t_load` (imports done, just before the load), `t_loaded`, `t_first` (the first
 generated token whose text is not empty).
 A directory loads with `mlx_lm.load`; a .gguf with the worker's own loader
-(`worker.gguf.load_gguf`), which is what mlx-lm would need too. Greedy, EOS not special.
+(`mlx_gw.worker.loaders.gguf.load_gguf`), which is what mlx-lm would need too. Greedy, EOS
+not special.
 Only the standard library is imported before `t_main`.
 """
 
@@ -26,7 +27,7 @@ def main() -> None:
     from mlx_lm.generate import generate_step
 
     if model_path.lower().endswith(".gguf"):
-        from worker.gguf import load_gguf
+        from mlx_gw.worker.loaders.gguf import load_gguf
     print("LOADING", flush=True)
     t_load = time.monotonic()
     if model_path.lower().endswith(".gguf"):

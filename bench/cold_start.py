@@ -37,7 +37,7 @@ from typing import Any
 from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import ConfigGateway, blas_desc, chat, load1, med, smollm2_gguf
 from bench.machine import machine, revision
-from gateway.blas import fast_blas_env
+from mlx_gw.gateway.supervision.blas import fast_blas_env
 
 MODEL = "cold"
 MESSAGE = "Write one short sentence about the sea."
@@ -46,7 +46,7 @@ IN, BESIDE, SPARE, NO_SPARE = ("in-process", "in-process, spare imports beside",
 SIDES = (IN, BESIDE, SPARE, NO_SPARE)
 GATEWAYS = (SPARE, NO_SPARE)
 # What a warm spare imports before it says Hello (worker/loop.py's _preimport, and the loop).
-SPARE_IMPORTS = "import mlx.core, mlx_lm.generate, mlx_lm.utils, worker.loop"
+SPARE_IMPORTS = "import mlx.core, mlx_lm.generate, mlx_lm.utils, mlx_gw.worker.loop"
 
 
 def _tiny_model() -> Path:

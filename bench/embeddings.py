@@ -1,7 +1,8 @@
 """Issue 8's embedding benchmark: 64 single-sentence requests through the gateway, concurrently,
 vs the same 64 sentences in-process one at a time and as one batch, in one run.
 
-  * in-process: a child process (same BLAS as a worker: `gateway.blas.fast_blas_env`) that
+  * in-process: a child process (same BLAS as a worker:
+    `mlx_gw.gateway.supervision.blas.fast_blas_env`) that
     loads the model with the worker's own `EmbeddingEngine` and embeds the sentences one
     request at a time (submit, step until done), then as one request of 64 inputs (one batch);
   * gateway: `mlx-gw start --foreground` with the model; 64 concurrent POST /v1/embeddings
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import aiohttp
 
-from config import DEFAULT_MODELS, locate_default_model
-from gateway.blas import fast_blas_env
+from mlx_gw.config import DEFAULT_MODELS, locate_default_model
+from mlx_gw.gateway.supervision.blas import fast_blas_env
 
 N = 64
 START_TIMEOUT_S = 120.0
@@ -47,8 +48,8 @@ def default_model_dir() -> str:
 
 def inprocess(model: str, rounds: int) -> None:
     """Child: prints one JSON line per round: seconds one at a time, seconds as one batch."""
-    from worker.engine_embedding import EmbeddingEngine
-    from worker.protocol import Embed, Load
+    from mlx_gw.worker.engines.embedding import EmbeddingEngine
+    from mlx_gw.worker.protocol import Embed, Load
 
     engine = EmbeddingEngine.from_load(Load(name="bench", type="embedding", path=model,
                                             max_batch=N))
@@ -93,7 +94,7 @@ def start_gateway_config(models: dict, workdir: Path) -> tuple[subprocess.Popen,
     cfg = workdir / "models.yaml"
     cfg.write_text(json.dumps({"gateway": {"port": 0, "warm_spare": False}, "models": models}))
     env = {**os.environ, "MLX_GW_HOME": str(workdir)}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "start", "--foreground",
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground",
                              "--port", "0", "--config", str(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=open(workdir / "gw.log", "wb"))
     assert proc.stdout is not None

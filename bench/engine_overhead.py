@@ -18,7 +18,7 @@ import argparse
 import statistics
 import time
 
-from worker import protocol as p
+from mlx_gw.worker import protocol as p
 
 
 def _raw(gen, prompt: list[int], n: int) -> float:
@@ -63,7 +63,7 @@ def main() -> None:
         mx.set_memory_limit(int(args.memory_limit_gb * 2**30))
 
     from bench.make_model import prompt_ids
-    from worker.engine_llm import LLMEngine
+    from mlx_gw.worker.engines.llm import LLMEngine
 
     engine = LLMEngine.from_load(p.Load(name="m", type="llm", path=args.model, max_batch=1))
     gen = engine._gen  # the same generator, stepped without the engine around it

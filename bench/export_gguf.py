@@ -1,7 +1,8 @@
 """A GGUF file written out as an mlx-lm model dir, so every engine serves the same weights.
 
 llama.cpp reads the GGUF; `mlx_lm.server`, mlx-lm in-process and the gateway read the dir this
-writes: the worker's own GGUF loader (`worker.gguf.load_gguf`) dequantizes the tensors to
+writes: the worker's own GGUF loader (`mlx_gw.worker.loaders.gguf.load_gguf`) dequantizes the
+tensors to
 `dtype`, and the result is saved as `model.safetensors` + `config.json` + the tokenizer (with
 the GGUF's chat template and end-of-generation ids). `mlx_lm.load(dir)` then builds the same
 model the gateway serves from the GGUF.
@@ -19,7 +20,7 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
 def default_gguf() -> Path:
-    from config import DEFAULT_MODELS, locate_default_model
+    from mlx_gw.config import DEFAULT_MODELS, locate_default_model
 
     path = locate_default_model(DEFAULT_MODELS[0])
     if path is None:
@@ -31,7 +32,7 @@ def export(gguf: Path, dest: Path, dtype: str = "float32") -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from worker.gguf import load_gguf
+    from mlx_gw.worker.loaders.gguf import load_gguf
 
     model, tokenizer, config = load_gguf(gguf, dtype=dtype)
     dest.mkdir(parents=True, exist_ok=True)

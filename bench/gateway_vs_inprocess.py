@@ -13,7 +13,8 @@ per side, interleaved, give the p50 TTFT overhead, at the benchmark's prompt len
 pid only) is read at idle after start-up and after the runs. CPU seconds (user+sys) of the
 serving processes are recorded too: on a shared, noisy machine they show the gateway's cost
 better than wall time does.
-Both sides get the same BLAS (`gateway.blas.fast_blas_env`). Results: bench/out/*.json and a
+Both sides get the same BLAS (`mlx_gw.gateway.supervision.blas.fast_blas_env`). Results:
+bench/out/*.json and a
 markdown table on stdout.
 
     python -m bench.gateway_vs_inprocess --streams 1 16 --max-tokens 64 --prompt-tokens 128
@@ -43,7 +44,7 @@ from bench.machine import machine, revision
 from bench.make_model import DEFAULT_DIR, ensure_model, prompt_ids
 from bench.report import Run, markdown, median, report, summary
 from bench.targets import read_prefixed
-from gateway.blas import fast_blas_env
+from mlx_gw.gateway.supervision.blas import fast_blas_env
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 START_TIMEOUT_S = 120.0
@@ -136,7 +137,7 @@ class Gateway:
         config.write_text(config_yaml)
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, *pre, "-m", "gateway.cli", "start", "--foreground",
+                sys.executable, *pre, "-m", "mlx_gw.gateway.cli", "start", "--foreground",
                 "--config", str(config), "--port", "0",
                 stdout=asyncio.subprocess.PIPE, stderr=err,
                 env={**os.environ, **(env or {}), "MLX_GW_HOME": str(home)})

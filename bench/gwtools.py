@@ -23,7 +23,7 @@ from bench.client import sse_events
 from bench.gateway_vs_inprocess import (
     Gateway,
 )
-from config import DEFAULT_MODELS, locate_default_model
+from mlx_gw.config import DEFAULT_MODELS, locate_default_model
 
 SPARE_UP = "up (spare)"  # the supervisor logs "worker process pid N up (spare), baseline ..."
 
@@ -38,7 +38,7 @@ def smollm2_gguf() -> Path:
 def blas_desc(base: Mapping[str, str] | None = None) -> str:
     """The workers' BLAS given the gateway's environment `base` (default ours): the preloaded
     library (or none) and OpenBLAS's thread count."""
-    from gateway.blas import fast_blas_env
+    from mlx_gw.gateway.supervision.blas import fast_blas_env
 
     base = os.environ if base is None else base
     env = fast_blas_env(base)

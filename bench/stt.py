@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from bench.embeddings import start_gateway_config
-from config import DEFAULT_MODELS, locate_default_model
-from gateway.blas import fast_blas_env
+from mlx_gw.config import DEFAULT_MODELS, locate_default_model
+from mlx_gw.gateway.supervision.blas import fast_blas_env
 
 TEXT = ("The gateway starts one worker process for each model and sends it requests over a "
         "socket. When a model has not been used for a while, the gateway stops its worker to "
@@ -56,8 +56,8 @@ def child(model: str, wav: str) -> None:
     import soundfile as sf
     from scipy.signal import resample_poly
 
-    from worker.engine_stt import STTEngine
-    from worker.protocol import Load, Transcribe
+    from mlx_gw.worker.engines.stt import STTEngine
+    from mlx_gw.worker.protocol import Load, Transcribe
 
     x, rate = sf.read(wav, dtype="float32")
     audio = resample_poly(x, 16000, rate).astype(np.float32).tobytes()

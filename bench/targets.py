@@ -190,7 +190,7 @@ async def gateway(name: str, models: dict[str, Path], log: Path, env: dict[str, 
     config = {"gateway": gw, "models": {m: {**spec, "path": str(p)} for m, p in models.items()}}
     (home / "models.yaml").write_text(json.dumps(config))  # JSON is YAML 1.2
     port = free_port()
-    argv = [sys.executable, "-m", "gateway.cli", "start", "--foreground",
+    argv = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground",
             "--config", str(home / "models.yaml"), "--port", str(port)]
     async with server(name, argv, "/health", port, log, {**env, "MLX_GW_HOME": str(home)},
                       lambda m: m, extra) as target:

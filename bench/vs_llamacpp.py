@@ -41,7 +41,7 @@ import aiohttp
 from bench.gateway_vs_inprocess import OUT_DIR
 from bench.gwtools import Chat, ConfigGateway, blas_desc, chat, load1, med, smollm2_gguf
 from bench.machine import machine, revision
-from gateway.blas import blas_in_use
+from mlx_gw.gateway.supervision.blas import blas_in_use
 
 MODEL = "smol"
 LLAMA = "llama-cpp-python (serial)"
@@ -153,8 +153,8 @@ async def ttft(server: Any, side: str, tokens: Tokens, content: str) -> dict[str
 
 
 def _worker_blas(pid: int) -> str:
-    """The worker's LD_PRELOAD and OpenBLAS threads, and what `gateway.blas.blas_in_use`
-    says about it."""
+    """The worker's LD_PRELOAD and OpenBLAS threads, and what
+    `mlx_gw.gateway.supervision.blas.blas_in_use` says about it."""
     env = dict(e.decode().partition("=")[::2] for e in
                Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e)
     return (f"LD_PRELOAD={env.get('LD_PRELOAD') or '(none)'}, OPENBLAS_NUM_THREADS="

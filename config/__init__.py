@@ -3,16 +3,16 @@
 The gateway imports everything it needs from here; see DESIGN.md ("models.yaml") for the contract.
 """
 
-from config.defaults import (
+from mlx_gw.config.defaults import (
     DEFAULT_MODELS,
     DefaultModel,
     default_config,
     default_config_problem,
     locate_default_model,
 )
-from config.durations import format_duration, parse_bytes, parse_duration
-from config.loader import find_config, load_config, load_yaml, render_init_yaml
-from config.schema import (
+from mlx_gw.config.durations import format_duration, parse_bytes, parse_duration
+from mlx_gw.config.loader import find_config, load_config, load_yaml, render_init_yaml
+from mlx_gw.config.schema import (
     DTYPES,
     ENV_API_KEY,
     ENV_CONFIG,
@@ -24,7 +24,7 @@ from config.schema import (
     ModelConfig,
     ModelType,
 )
-from config.validate import parse_config
+from mlx_gw.config.validate import parse_config
 
 __all__ = [
     "DEFAULT_MODELS",

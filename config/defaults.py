@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from config.schema import ENV_API_KEY, Config, GatewayConfig, ModelConfig, ModelType
+from mlx_gw.config.schema import ENV_API_KEY, Config, GatewayConfig, ModelConfig, ModelType
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Checks of single values from models.yaml: exact types, ranges, durations and sizes.
 
-Owns the per-value rules `config.validate` applies key by key. YAML strings never pass for
+Owns the per-value rules `mlx_gw.config.validate` applies key by key. YAML strings never pass for
 booleans or numbers (a quoted "yes" or "8095" is a mistake to report, not to coerce). Each check
 takes the value and its dotted key path, and returns the clean value or raises ConfigError.
 """
@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any, cast
 
-from config.durations import BYTES_HELP, DURATION_HELP, parse_bytes, parse_duration
-from config.schema import ConfigError, total_memory_bytes
+from mlx_gw.config.durations import BYTES_HELP, DURATION_HELP, parse_bytes, parse_duration
+from mlx_gw.config.schema import ConfigError, total_memory_bytes
 
 Check = Callable[[object, str], Any]
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
@@ -137,7 +137,7 @@ def check_memory_limit(value: object, key: str) -> int:
 
 def check_reasoning_parser(value: object, key: str) -> str | tuple[str, str]:
     """A reasoning_parser name, or a [start, end] pair of marker strings."""
-    from config.schema import REASONING_PARSERS
+    from mlx_gw.config.schema import REASONING_PARSERS
 
     if isinstance(value, list):
         if len(value) == 2 and all(isinstance(v, str) and v for v in value):

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from config.defaults import default_config, default_config_problem
-from config.durations import format_duration
-from config.schema import (
+from mlx_gw.config.defaults import default_config, default_config_problem
+from mlx_gw.config.durations import format_duration
+from mlx_gw.config.schema import (
     ENV_CONFIG,
     GATEWAY_KEY_DOCS,
     MODEL_KEY_DOCS,
@@ -28,7 +28,7 @@ from config.schema import (
     ConfigError,
     GatewayConfig,
 )
-from config.validate import parse_config
+from mlx_gw.config.validate import parse_config
 
 CONFIG_FILENAME = "models.yaml"
 USER_CONFIG_DIR = ".mlx-gw"  # under the home directory

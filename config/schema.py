@@ -3,8 +3,9 @@
 Owns `ConfigError`, `GatewayConfig`, `ModelConfig`, `Config`, the valid keys with their one-line
 documentation (used by `mlx-gw init` and the README reference), and the `UNSET` sentinel that tells
 "keep_alive not set for this model" apart from -1 (never expire). Turning parsed YAML into these
-objects lives in `config.validate` (per-value checks in `config.fields`); reading files lives in
-`config.loader`; the embedded default models live in `config.defaults`.
+objects lives in `mlx_gw.config.validate` (per-value checks in `mlx_gw.config.fields`); reading
+files lives in
+`mlx_gw.config.loader`; the embedded default models live in `mlx_gw.config.defaults`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from config.durations import parse_bytes
+from mlx_gw.config.durations import parse_bytes
 
 ModelType = Literal["llm", "vlm", "embedding", "tts", "stt"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from config.fields import (
+from mlx_gw.config.fields import (
     NAME_RE,
     NAME_RULE,
     Check,
@@ -34,7 +34,7 @@ from config.fields import (
     describe,
     optional,
 )
-from config.schema import (
+from mlx_gw.config.schema import (
     DTYPES,
     ENV_API_KEY,
     GATEWAY_KEY_DOCS,

@@ -18,20 +18,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from config import Config
-from gateway import (
-    admin,
-    anthropic_api,
-    audio_api,
-    dashboard,
-    embeddings_api,
-    events,
-    metrics,
-    models_admin,
-    openai_api,
-)
-from gateway.blas import fast_blas_env
-from gateway.errors import (
+from mlx_gw.config import Config
+from mlx_gw.gateway.errors import (
     BadRequest,
     GatewayError,
     InternalError,
@@ -41,8 +29,20 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
 )
-from gateway.state import SUPERVISOR
-from gateway.supervisor import Supervisor
+from mlx_gw.gateway.routes import (
+    admin,
+    anthropic,
+    audio,
+    dashboard,
+    embeddings,
+    events,
+    metrics,
+    models,
+    openai,
+)
+from mlx_gw.gateway.state import SUPERVISOR
+from mlx_gw.gateway.supervision.blas import fast_blas_env
+from mlx_gw.gateway.supervision.supervisor import Supervisor
 
 log = logging.getLogger("mlxgw.http")
 
@@ -126,12 +126,12 @@ def build_app(config: Config) -> web.Application:
     app[SUPERVISOR] = Supervisor(config, ipc_dir=ipc_dir, worker_env=worker_env())
     metrics.install(app)
     events.install(app)
-    app.add_routes(openai_api.routes)
-    app.add_routes(anthropic_api.routes)
-    app.add_routes(embeddings_api.routes)
-    app.add_routes(audio_api.routes)
+    app.add_routes(openai.routes)
+    app.add_routes(anthropic.routes)
+    app.add_routes(embeddings.routes)
+    app.add_routes(audio.routes)
     app.add_routes(admin.routes)
-    app.add_routes(models_admin.routes)
+    app.add_routes(models.routes)
     app.add_routes(dashboard.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.supervisor import Supervisor
+from mlx_gw.gateway.supervision.supervisor import Supervisor
 
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)

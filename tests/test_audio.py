@@ -18,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 
-from config import DEFAULT_MODELS, locate_default_model
+from mlx_gw.config import DEFAULT_MODELS, locate_default_model
 from tests.conftest import GatewayProc, assert_gone, wait_for
 
 sf = pytest.importorskip("soundfile")

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway import blas
-from gateway.blas import BLAS_ENV_VAR, BlasConfigError, blas_in_use, fast_blas_env, find_fast_blas
+from mlx_gw.gateway.supervision import blas
+from mlx_gw.gateway.supervision.blas import (
+    BLAS_ENV_VAR,
+    BlasConfigError,
+    blas_in_use,
+    fast_blas_env,
+    find_fast_blas,
+)
 
 READY_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 10.0

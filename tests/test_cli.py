@@ -18,7 +18,7 @@ from tests.conftest import assert_gone, tiny_config
 def mlxgw(*args: str, home: Path, cwd: Path | None = None, timeout: float = 90):
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_GW_API_KEY", "MLX_GW_CONFIG")}
     env["MLX_GW_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,6 +71,6 @@ def test_init_writes_a_config_that_loads(tmp_path: Path) -> None:
     text = (tmp_path / "models.yaml").read_text()
     assert "smollm2-135m-instruct" in text
     assert mlxgw("init", home=tmp_path / "home", cwd=tmp_path).returncode == 1  # no overwrite
-    from config import load_config
+    from mlx_gw.config import load_config
 
     assert load_config(tmp_path / "models.yaml").gateway.port == 8095

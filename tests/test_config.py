@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from config import (
+from mlx_gw.config import (
     DEFAULT_MODELS,
     MODEL_TYPES,
     UNSET,
@@ -34,7 +34,7 @@ from config import (
     parse_duration,
     render_init_yaml,
 )
-from config.schema import GATEWAY_KEY_DOCS, MODEL_KEY_DOCS
+from mlx_gw.config.schema import GATEWAY_KEY_DOCS, MODEL_KEY_DOCS
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

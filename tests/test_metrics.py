@@ -173,7 +173,7 @@ def test_events_in_order_for_load_evict_crash(start_gateway, tiny_dir: Path) -> 
         f"m{i}": {"type": "llm", "path": str(tiny_dir / f"tiny-{i}")} for i in range(2)}})
     env = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
     env["MLX_GW_HOME"] = str(gw.home)
-    cli = subprocess.Popen([sys.executable, "-m", "gateway.cli", "events", "-f", "--json"],
+    cli = subprocess.Popen([sys.executable, "-m", "mlx_gw.gateway.cli", "events", "-f", "--json"],
                            env=env, stdout=subprocess.PIPE, text=True)
     cli_lines: list[str] = []
     cli_reader = threading.Thread(target=lambda: cli_lines.extend(cli.stdout), daemon=True)
@@ -220,7 +220,7 @@ def test_events_in_order_for_load_evict_crash(start_gateway, tiny_dir: Path) -> 
     assert val(m, "mlxgw_unloads_total", model="m1") == 1
     assert val(m, "mlxgw_expiries_total", model="m1") == 0
 
-    listed = subprocess.run([sys.executable, "-m", "gateway.cli", "events"], env=env,
+    listed = subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", "events"], env=env,
                             capture_output=True, text=True, timeout=30)
     rows = [line.split()[2:4] for line in listed.stdout.splitlines()]
     assert [tuple(r) for r in rows] == EXPECTED

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 
-from gateway import model_files
+from mlx_gw.gateway.store import model_files
 from tests.conftest import GatewayProc
 
 REPO = "test-org/tiny-llm"
@@ -143,7 +143,7 @@ def hub_env(hub: LocalHub, hf_home: Path) -> dict[str, str]:
 def mlxgw(gw: GatewayProc, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
     full.update(env, MLX_GW_HOME=str(gw.home))
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=full,
+    return subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", *args], env=full,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -230,7 +230,7 @@ def test_cli_pull_and_models_without_a_gateway(hub: LocalHub, tmp_path: Path) ->
            **hub_env(hub, tmp_path / "hf"), "MLX_GW_HOME": str(tmp_path / "home")}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env,
+        return subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", *args], env=env,
                               capture_output=True, text=True, timeout=60)
 
     empty = run("models")

@@ -21,10 +21,10 @@ import jsonschema
 import openai
 import pytest
 
-from gateway.chat_stream import ChoiceParser
+from mlx_gw.gateway.translate.chat_stream import ChoiceParser
+from mlx_gw.worker.protocol import Delta
 from tests.conftest import GatewayProc, assert_gone
 from tests.tiny_models import build_tiny_llama
-from worker.protocol import Delta
 
 # A Qwen 2.5-style template: renders tools, assistant tool calls and tool results.
 HERMES_TEMPLATE = """\
@@ -165,7 +165,8 @@ def test_parser_on_recorded_output(fmt: str, text: str, reasoning: list[str],
 
 
 def test_gateway_loads_mlx_lm_parsers_without_importing_mlx() -> None:
-    code = ("import sys; from gateway import app, tool_calls; "
+    code = ("import sys; from mlx_gw.gateway import app; "
+            "from mlx_gw.gateway.translate import tool_calls; "
             "assert tool_calls.mlx_lm_parser('qwen3_coder') is not None; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', "
             "'transformers')]; assert not bad, bad")

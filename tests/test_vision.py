@@ -40,7 +40,7 @@ def ask(url: str, text: str = "What is in this picture?") -> list[dict]:
 @pytest.fixture(scope="module")
 def images() -> Iterator[str]:
     """A local HTTP server: /small.png, /big.png (over the byte limit)."""
-    from gateway.vision import MAX_IMAGE_BYTES
+    from mlx_gw.gateway.routes.vision import MAX_IMAGE_BYTES
 
     files = {"/small.png": png(), "/big.png": b"\x89PNG" + b"0" * (MAX_IMAGE_BYTES + 10)}
 

@@ -1,4 +1,4 @@
-"""Worker process entry: `python -m worker --rx ADDR --tx ADDR --parent-pid PID`.
+"""Worker process entry: `python -m mlx_gw.worker --rx ADDR --tx ADDR --parent-pid PID`.
 
 The gateway spawns this; it binds `--rx` (requests in), connects `--tx` (outputs out), says
 Hello once MLX is imported, then waits for the Load message naming its model.
@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from worker.loop import run
+from mlx_gw.worker.loop import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker")
+    p = argparse.ArgumentParser(prog="python -m mlx_gw.worker")
     p.add_argument("--rx", required=True, help="ZeroMQ address to bind for gateway->worker")
     p.add_argument("--tx", required=True, help="ZeroMQ address to connect for worker->gateway")
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")

@@ -22,7 +22,8 @@ import traceback
 
 import zmq
 
-from worker import protocol as p
+from mlx_gw.worker import protocol as p
+from mlx_gw.worker.engines.base import AdmissionError, Engine
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -85,11 +86,11 @@ def memory_bytes() -> int:
 # The engine class of each model type, and for the optional kinds the package it needs and the
 # mlx-gw extra that installs it: a load without it fails with what to install.
 _ENGINES = {
-    "llm": ("worker.engine_llm", "LLMEngine"),
-    "embedding": ("worker.engine_embedding", "EmbeddingEngine"),
-    "stt": ("worker.engine_stt", "STTEngine"),
-    "tts": ("worker.engine_tts", "TTSEngine"),
-    "vlm": ("worker.engine_vlm", "VLMEngine"),
+    "llm": ("mlx_gw.worker.engines.llm", "LLMEngine"),
+    "embedding": ("mlx_gw.worker.engines.embedding", "EmbeddingEngine"),
+    "stt": ("mlx_gw.worker.engines.stt", "STTEngine"),
+    "tts": ("mlx_gw.worker.engines.tts", "TTSEngine"),
+    "vlm": ("mlx_gw.worker.engines.vlm", "VLMEngine"),
 }
 _EXTRAS = {
     "embedding": ("mlx_embeddings", "embeddings"),
@@ -99,7 +100,7 @@ _EXTRAS = {
 }
 
 
-def _make_engine(load: p.Load):
+def _make_engine(load: p.Load) -> Engine:
     if load.type not in _ENGINES:
         raise ValueError(f"model type {load.type!r} is not supported by this worker")
     if load.type in _EXTRAS:
@@ -177,10 +178,8 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
     os._exit(code)
 
 
-def _drain(engine, rx: zmq.Socket, send, name: str) -> bool:
+def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
     """Handle every message waiting on the socket. Returns False on Shutdown."""
-    from worker.engine_llm import AdmissionError
-
     while True:
         try:
             msg = p.decode_to_worker(rx.recv(zmq.NOBLOCK))
@@ -201,7 +200,7 @@ def _drain(engine, rx: zmq.Socket, send, name: str) -> bool:
             return False
 
 
-def _serve(engine, rx: zmq.Socket, send, name: str) -> int:
+def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
     next_hb = 0.0
     while True:
         now = time.monotonic()

@@ -1,0 +1,201 @@
+"""Model management routes: what is on disk, what a model is, pulls and deletes.
+
+- `GET /api/models`: model repos in the local Hugging Face cache, with the configured models
+  that use each and whether one is loaded.
+- `GET /api/show?model=`: a configured model (name or alias) or a cached repo id: its settings,
+  files, sizes, kind, architecture, quantization and context length.
+- `POST /api/pull {"repo", "revision"?, "stream"?}`: download a repo into the cache through
+  huggingface_hub ($HF_ENDPOINT), progress streamed as SSE (`stream: false` answers once done).
+  The repo is resolved before any byte is sent, so an unknown repo is a plain 404.
+- `DELETE /api/models/{repo}`: remove a pulled repo's files; 409 while a model using it is
+  loaded, 404 when it is not in the cache.
+Disk and network work runs in threads (mlx_gw.gateway.store.model_files); the event loop never
+blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from mlx_gw.config import ModelConfig
+from mlx_gw.gateway.errors import BadRequest, Conflict, GatewayError, NotFound, Unavailable
+from mlx_gw.gateway.state import SUPERVISOR
+from mlx_gw.gateway.store import model_files
+from mlx_gw.gateway.supervision.supervisor import Supervisor
+from mlx_gw.gateway.translate.schemas import decode
+
+PULL_KEEPALIVE_S = 15.0
+routes = web.RouteTableDef()
+
+
+def _users(sup: Supervisor, repo: str) -> list[ModelConfig]:
+    return [m for m in sup.config.models.values() if m.path == repo]
+
+
+def _loaded(sup: Supervisor) -> set[str]:
+    return {s.name for s in sup.ps()}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+@routes.get("/api/models")
+async def list_models(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    rows = await asyncio.to_thread(model_files.cached_repos)
+    loaded = _loaded(sup)
+    for r in rows:
+        names = [m.name for m in _users(sup, r["repo"])]
+        r["used_by"] = names
+        r["loaded"] = any(n in loaded for n in names)
+    return web.json_response({"models": rows}, dumps=_dumps)
+
+
+def _settings(sup: Supervisor, m: ModelConfig) -> dict[str, Any]:
+    return {"type": m.type, "path": m.path, "aliases": list(m.aliases),
+            "keep_alive": sup.config.effective_keep_alive(m),
+            "pin": sup.status(m).pinned, "max_batch": m.max_batch,
+            "max_queue": m.max_queue, "dtype": m.dtype, "context_length": m.context_length}
+
+
+@routes.get("/api/show")
+async def show(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.query.get("model", "").strip()
+    if not name:
+        raise BadRequest("Missing query parameter 'model' (a model name or a repo id)",
+                         param="model")
+    model = sup.config.resolve(name)
+    if model is None and not model_files.is_repo_id(name):
+        raise NotFound(f"The model '{name}' does not exist: it is neither configured nor a "
+                       "Hugging Face repo id", param="model")
+    path = model.path if model else name
+    local, repo = await asyncio.to_thread(model_files.local_path, path)
+    if local is None:
+        hint = f"; pull it with `mlx-gw pull {repo}`" if repo else ""
+        raise NotFound(f"The model '{name}' has no files on disk ({path}){hint}",
+                       param="model")
+    info = await asyncio.to_thread(model_files.describe, local)
+    body: dict[str, Any] = {"name": model.name if model else name,
+                            "configured": model is not None, "repo": repo,
+                            "path": str(local), **info}
+    if model is not None:
+        body["kind"] = model.type
+        body["settings"] = _settings(sup, model)
+        if model.context_length and info.get("context_length"):
+            body["context_length"] = min(model.context_length, info["context_length"])
+        body["state"] = sup.status(model).state.value
+    return web.json_response(body, dumps=_dumps)
+
+
+class _PullBody(msgspec.Struct):
+    repo: str
+    revision: str | None = None
+    stream: bool = True
+
+
+async def _manifest(repo: str, revision: str | None) -> dict[str, Any]:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RevisionNotFoundError as NoRevision
+
+    try:
+        return await asyncio.to_thread(model_files.manifest, repo, revision)
+    except RepositoryNotFoundError:
+        raise NotFound(f"Repository '{repo}' was not found on the Hugging Face Hub (or needs "
+                       "a token: set HF_TOKEN for the gateway)", code="repo_not_found",
+                       param="repo") from None
+    except NoRevision:
+        raise NotFound(f"Revision '{revision}' of '{repo}' was not found",
+                       code="revision_not_found", param="revision") from None
+    except model_files.HubUnreachable as e:
+        raise Unavailable(str(e), code="hub_unreachable", retry_after=30) from None
+    except HfHubHTTPError as e:
+        raise BadRequest(f"The Hugging Face Hub refused '{repo}': {e}", param="repo") from None
+
+
+@routes.post("/api/pull")
+async def pull(request: web.Request) -> web.StreamResponse:
+    body = decode(await request.read(), _PullBody)
+    if not model_files.is_repo_id(body.repo):
+        raise BadRequest(f"'{body.repo}' is not a Hugging Face repo id (expected 'org/name')",
+                         param="repo")
+    man = await _manifest(body.repo, body.revision)
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def report(event: dict[str, Any]) -> None:  # called in the download thread
+        loop.call_soon_threadsafe(reports.put_nowait, event)
+
+    fut = loop.run_in_executor(None, model_files.pull, man, report, cancelled)
+    summary = {"repo": man["repo"], "revision": man["revision"], "files": len(man["files"]),
+               "total": man["total"]}
+    try:
+        if not body.stream:
+            path = await fut
+            return web.json_response({"status": "success", **summary, "path": path})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+
+        async def send(event: dict[str, Any]) -> None:
+            await resp.write(b"data: " + _dumps(event).encode() + b"\n\n")
+
+        await send({"status": "manifest", **summary})
+        while not fut.done():
+            get = asyncio.ensure_future(reports.get())
+            done, _ = await asyncio.wait({get, fut}, timeout=PULL_KEEPALIVE_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                await send(get.result())
+            else:
+                get.cancel()
+                if not done:
+                    await resp.write(b": downloading\n\n")
+        while not reports.empty():  # reports queued before the thread returned
+            await send(reports.get_nowait())
+        try:
+            path = fut.result()
+        except Exception as e:
+            err = e if isinstance(e, GatewayError) else Unavailable(
+                f"pulling '{man['repo']}' failed: {type(e).__name__}: {e}", code="pull_failed")
+            await send({"status": "error", **err.openai_body()})
+        else:
+            await send({"status": "success", **summary, "path": path})
+        await resp.write_eof()
+        return resp
+    finally:
+        if not fut.done():
+            cancelled.set()  # the download thread stops at its next chunk
+
+
+@routes.delete("/api/models/{name:.+}")
+async def delete(request: web.Request) -> web.Response:
+    sup = request.app[SUPERVISOR]
+    name = request.match_info["name"]
+    model = sup.config.resolve(name)
+    repo = model.path if model is not None else name
+    if not model_files.is_repo_id(repo) or Path(repo).expanduser().exists():
+        if model is not None:
+            raise BadRequest(f"Model '{name}' is served from {repo}, not from the Hugging Face "
+                             "cache: mlx-gw deletes only pulled models", param="name")
+        raise NotFound(f"'{name}' is not a pulled model (expected a repo id 'org/name')",
+                       param="name")
+    loaded = _loaded(sup)
+    busy = [m.name for m in _users(sup, repo) if m.name in loaded]
+    if busy:
+        raise Conflict(f"'{repo}' is loaded (as {', '.join(busy)}); unload it first",
+                       code="model_loaded")
+    freed = await asyncio.to_thread(model_files.delete_repo, repo)
+    if freed is None:
+        raise NotFound(f"'{repo}' is not in the local Hugging Face cache", param="name")
+    return web.json_response({"deleted": repo, "freed_bytes": freed})

@@ -1,0 +1,190 @@
+"""Fast BLAS for worker processes on Linux CPU: which library to preload, and whether it took.
+
+The ``mlx[cpu]`` wheel links a reference BLAS (``mlx_cpu.libs/libblas-*.so``) that is ~50x
+slower than OpenBLAS on a 1024x1024 float32 matmul. Preloading an OpenBLAS that exports the
+plain ``cblas_sgemm``/``sgemm_`` symbols makes MLX's calls bind to it instead. The gateway
+spawns the workers, so it owns their environment: ``fast_blas_env`` returns the variables to
+add, and ``blas_in_use`` reads a live worker's memory map to log (and test) what it got.
+
+``MLX_GW_BLAS`` steers the choice: unset, empty or ``auto`` searches; ``off`` disables the
+preload; anything else is the path of the library to preload. Nothing is preloaded outside
+Linux (on macOS MLX uses Metal and Accelerate).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "BLAS_ENV_VAR",
+    "REFERENCE",
+    "worker_blas",
+    "BlasConfigError",
+    "blas_in_use",
+    "fast_blas_env",
+    "find_fast_blas",
+]
+
+BLAS_ENV_VAR = "MLX_GW_BLAS"
+
+# Debian/Ubuntu (packages libopenblas0-pthread, -openmp, -serial), in order of preference:
+# the pthread flavour parallelises without dragging an OpenMP runtime into the worker.
+_DEBIAN_FLAVOURS = ("openblas-pthread", "openblas-openmp", "openblas-serial")
+_MULTIARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu")
+SYSTEM_OPENBLAS_PATHS = tuple(
+    f"{arch}/{flavour}/libblas.so.3" for flavour in _DEBIAN_FLAVOURS for arch in _MULTIARCH_DIRS
+)
+
+# PyPI distributions shipping an OpenBLAS with unprefixed symbols, and the file to preload.
+# (numpy's and scipy-openblas's builds prefix their symbols, so they cannot stand in.)
+_PIP_OPENBLAS = (("cmeel-openblas", "libopenblas.so.0"),)
+
+# A broken preload (say, a missing libgfortran.so.5) stops the worker before Python starts,
+# so every discovered candidate is test-loaded in a throwaway interpreter first.
+LOAD_CHECK_TIMEOUT_S = 30.0
+_LOAD_CHECK = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
+
+
+class BlasConfigError(ValueError):
+    """``MLX_GW_BLAS`` names a library that does not exist."""
+
+
+def _is_linux() -> bool:
+    return sys.platform.startswith("linux")
+
+
+@functools.cache
+def _loads(path: str) -> bool:
+    """Whether ``path`` and its dependencies load; runs once per path per process."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHECK, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=LOAD_CHECK_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _pip_openblas_paths() -> list[str]:
+    """Library paths from installed pip distributions in ``_PIP_OPENBLAS`` (none imported)."""
+    paths = []
+    for dist_name, file_name in _PIP_OPENBLAS:
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for entry in dist.files or ():
+            if entry.name == file_name:
+                paths.append(str(Path(str(dist.locate_file(entry))).resolve()))
+    return paths
+
+
+def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
+    """Path of the BLAS library to preload into workers, or None for none.
+
+    ``env`` (default ``os.environ``) supplies ``MLX_GW_BLAS``. Search order: the path that
+    variable names; a pip-installed ``cmeel-openblas``; Debian/Ubuntu OpenBLAS (pthread,
+    openmp, serial; x86_64 and aarch64). Found libraries are test-loaded in a subprocess (cached,
+    ~50 ms once) and skipped if they fail. Raises ``BlasConfigError`` if ``MLX_GW_BLAS`` names
+    a file that does not exist. Always None outside Linux.
+    """
+    env = os.environ if env is None else env
+    if not _is_linux():
+        return None
+    setting = env.get(BLAS_ENV_VAR, "").strip()
+    if setting.lower() == "off":
+        return None
+    if setting and setting.lower() != "auto":
+        if not Path(setting).is_file():
+            raise BlasConfigError(
+                f"{BLAS_ENV_VAR}={setting!r}: no such file; set it to the path of an OpenBLAS "
+                f"shared library, 'auto' to search, or 'off' to preload nothing"
+            )
+        return setting
+    # The pip wheel (0.3.31) measured 1.5-1.9x faster than Debian 12's 0.3.21: try it first.
+    for path in (*_pip_openblas_paths(), *SYSTEM_OPENBLAS_PATHS):
+        if Path(path).is_file() and _loads(path):
+            return path
+    return None
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def fast_blas_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Env additions for a worker process: LD_PRELOAD of a fast BLAS on Linux when found, else {}.
+
+    ``base`` (default ``os.environ``) is the environment the worker would otherwise get; the
+    caller merges the result over it. Never on macOS (Metal/Accelerate) and never when
+    ``MLX_GW_BLAS=off``; ``MLX_GW_BLAS=/path/lib.so`` forces a library. Keeps any existing
+    LD_PRELOAD entries (ahead of ours, so a library the user chose still wins). Also sets
+    OPENBLAS_NUM_THREADS to the CPU count if unset. Raises ``BlasConfigError`` as
+    ``find_fast_blas`` does.
+    """
+    base = os.environ if base is None else base
+    lib = find_fast_blas(base)
+    if lib is None:
+        return {}
+    existing = base.get("LD_PRELOAD", "").replace(":", " ").split()
+    additions = {"LD_PRELOAD": " ".join(existing if lib in existing else [*existing, lib])}
+    if not base.get("OPENBLAS_NUM_THREADS"):
+        additions["OPENBLAS_NUM_THREADS"] = str(_cpu_count())
+    return additions
+
+
+def blas_in_use(pid: int) -> str | None:
+    """Path of an OpenBLAS library mapped into process ``pid``, or None.
+
+    None too when the process is gone, its map is unreadable, or this is not Linux. Matches on
+    the file name, so MLX's bundled reference ``libblas`` and numpy's prefixed-symbol
+    ``libscipy_openblas`` never count.
+    """
+    if not _is_linux():
+        return None
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6:
+            continue
+        path = fields[5].strip().removesuffix(" (deleted)")
+        name = Path(path).name.lower()
+        # numpy/scipy bundle an OpenBLAS with prefixed symbols (libscipy_openblas*): mapped
+        # into a worker that imports numpy, but it can never serve MLX's BLAS calls.
+        if "openblas" in name and "scipy_openblas" not in name:
+            return path
+    return None
+
+
+REFERENCE = "reference"  # MLX's bundled reference BLAS: correct, ~25x slower on prompts
+REFERENCE_HINT = (
+    "Install a fast BLAS the gateway can preload: `apt-get install libopenblas0-pthread` "
+    "(Debian/Ubuntu), or `apt-get install libgfortran5` for the pip-installed cmeel-openblas; "
+    f"or point {BLAS_ENV_VAR} at an OpenBLAS library.")
+
+
+def worker_blas(pid: int, device: str) -> str | None:
+    """What a ready worker computes its CPU matmuls with: the OpenBLAS path it mapped,
+    REFERENCE when it mapped none, None when that does not apply (not Linux, or the worker
+    runs on a GPU)."""
+    if not _is_linux() or "cpu" not in device.lower():
+        return None
+    return blas_in_use(pid) or REFERENCE

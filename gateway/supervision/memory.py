@@ -1,0 +1,86 @@
+"""Memory admission estimates for a model not loaded yet, read from its files (no MLX import).
+
+estimate = weight bytes (scaled when the load changes the dtype, e.g. a 4-bit GGUF loaded as
+float32) + the measured baseline of an empty worker + KV cache for one sequence at a modest
+context. KV beyond that grows on demand and is governed by measured memory, never reserved
+up front. After a load the worker's measured footprint replaces the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mlx_gw.config import ModelConfig
+
+MODEST_CONTEXT_TOKENS = 1024
+DEFAULT_BASELINE_BYTES = 120 * 2**20  # until an empty worker has reported its own
+_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+_GGUF_BITS = (("f32", 32), ("f16", 16), ("bf16", 16), ("q8", 8.5), ("q6", 6.6), ("q5", 5.5),
+              ("q4", 4.5), ("q3", 3.4), ("q2", 2.6))
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz", ".bin")
+
+
+def _local_path(path: str) -> Path | None:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    try:  # a Hugging Face repo id: its snapshot in the local cache, if any
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _weights(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
+
+
+def _source_bits(p: Path) -> float | None:
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        name = p.name.lower()
+        for tag, bits in _GGUF_BITS:
+            if re.search(rf"[^a-z0-9]{tag}", name):
+                return bits
+        return None
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization") or cfg.get("quantization_config")
+    if isinstance(q, dict) and "bits" in q:
+        return float(q["bits"]) + 0.5
+    return _BITS.get(str(cfg.get("torch_dtype", "float32")), 32)
+
+
+def _kv_bytes(p: Path, dtype_bits: float) -> int:
+    try:
+        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else {}
+    except (OSError, ValueError):
+        cfg = {}
+    layers = cfg.get("num_hidden_layers")
+    heads = cfg.get("num_attention_heads")
+    hidden = cfg.get("hidden_size")
+    if not (layers and heads and hidden):
+        return 32 * 2**20
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    per_token = 2 * layers * kv_heads * head_dim * max(dtype_bits, 16) / 8
+    return int(per_token * MODEST_CONTEXT_TOKENS)
+
+
+def estimate_bytes(model: ModelConfig, baseline_bytes: int) -> int:
+    """Bytes the model's worker is expected to hold right after loading."""
+    p = _local_path(model.path)
+    if p is None:
+        return baseline_bytes
+    weights = _weights(p)
+    src = _source_bits(p)
+    target = _BITS.get(model.dtype)
+    if src and target and target > src:
+        weights = int(weights * target / src)
+    return weights + baseline_bytes + _kv_bytes(p, target or src or 16)

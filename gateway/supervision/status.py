@@ -1,0 +1,75 @@
+"""One model's status at one moment: the immutable snapshot every reader uses.
+
+`/api/ps`, `/api/load`, `/api/pin`, `/api/show`, the dashboard and the Prometheus collector all
+read `ModelStatus` (from `WorkerHandle.status()` or `Supervisor.statuses()`), so each figure
+is computed in one place: what counts as in flight, as queued, as resident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+
+class State(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+LOADED = (State.STARTING, State.READY, State.DRAINING)  # a process exists and holds memory
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    type: str
+    aliases: tuple[str, ...]
+    state: State
+    pinned: bool
+    pid: int | None = None
+    memory_bytes: int = 0  # the worker's last reported footprint; 0 unless resident
+    expires_at: float | None = None  # wall clock; None = never by time
+    in_flight: int = 0  # requests in the worker's batch (at most max_batch)
+    queued: int = 0  # requests waiting: held, for the load, or beyond max_batch
+    worker_in_flight: int = 0  # sequences the worker itself reported in its last heartbeat
+    context_length: int = 0
+    loaded_at: float | None = None  # wall clock
+    error: str | None = None
+    blas: str | None = None  # the BLAS the worker computes with (CPU workers), from Ready
+
+    @property
+    def resident(self) -> bool:
+        return self.state in LOADED
+
+    def ps_entry(self) -> dict[str, Any]:
+        """The /api/ps entry (also /api/load's answer): ours plus Ollama's field names."""
+        return {
+            "name": self.name,
+            "model": self.name,
+            "type": self.type,
+            "pid": self.pid,
+            "state": self.state.value,
+            "memory_bytes": self.memory_bytes,
+            "size": self.memory_bytes,
+            "size_vram": 0,
+            "expires_at": iso(self.expires_at),
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "worker_in_flight": self.worker_in_flight,
+            "context_length": self.context_length,
+            "loaded_at": iso(self.loaded_at),
+            "pinned": self.pinned,
+            "blas": self.blas,
+            "error": self.error,
+        }
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -1,0 +1,304 @@
+"""LLM engine: mlx-lm's BatchGenerator behind the worker's engine interface.
+
+`submit` tokenizes and admits a request (or raises AdmissionError with a typed code); `step`
+runs one decode step for the whole batch and returns a Delta per sequence that produced text;
+`cancel` removes a sequence at once. New requests join the running batch between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
+
+from mlx_gw.worker.engines.base import AdmissionError
+from mlx_gw.worker.engines.constrained import (
+    FORCED_FORMATS,
+    GrammarError,
+    GrammarProcessor,
+    Grammars,
+    resolve_reasoning,
+    resolve_tool_parser,
+)
+from mlx_gw.worker.engines.sampling import sampler_for
+from mlx_gw.worker.engines.stop_text import StopText
+from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
+
+log = logging.getLogger("mlxgw.worker")
+
+DEFAULT_CONTEXT_LENGTH = 4096
+PREFILL_STEP_TOKENS = 512  # prompt chunk per step: bounds how long one prefill stalls decoding
+PENALTY_CONTEXT_TOKENS = 64  # presence/frequency/repetition penalties look this far back
+
+
+_NO_STOP = StopSequences(None)
+
+
+@dataclass
+class _Seq:
+    rid: int
+    uid: int
+    detok: StreamingDetokenizer
+    stop: StopText
+    prompt_tokens: int
+    completion_tokens: int = 0
+    grammar: GrammarProcessor | None = None
+    top_logprobs: int = -1  # -1: no logprobs asked
+    first: Delta | None = None  # the parse facts its first delta carries
+
+
+def load_model(load: Load) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    """Load weights and tokenizer from an MLX model dir, a local HF cache repo id, or a .gguf."""
+    if load.path.lower().endswith(".gguf"):
+        from mlx_gw.worker.loaders.gguf import load_gguf
+
+        return load_gguf(load.path, dtype=load.dtype)
+    from mlx_lm import load as mlx_load
+
+    model, tokenizer, config = mlx_load(load.path, return_config=True)
+    if load.dtype != "auto":
+        model.set_dtype(getattr(mx, load.dtype))
+    return model, tokenizer, config
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TokenizerWrapper,
+        *,
+        context_length: int,
+        max_batch: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self._eos = set(tokenizer.eos_token_ids)
+        self._vocab = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 0
+        self._gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in sorted(self._eos)],
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(8, max_batch),
+            prefill_step_size=PREFILL_STEP_TOKENS,
+        )
+        self._by_uid: dict[int, _Seq] = {}
+        self._by_rid: dict[int, _Seq] = {}
+        self._hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        self._grammars = Grammars(self._hf, sorted(self._eos))
+        self._formats: dict[str, tuple[str, list[str]]] = {}
+        self._answers: list[Delta] = []  # ready without a decode step (count_only)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_load(cls, load: Load) -> LLMEngine:
+        model, tokenizer, config = load_model(load)
+        ctx = load.context_length or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH
+        return cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch)
+
+    # ------------------------------------------------------------------ admission
+
+    def _tokenize(self, req: Generate) -> list[int]:
+        if req.messages is not None:
+            try:
+                tools = {"tools": req.tools} if req.tools else {}
+                ids = self.tokenizer.apply_chat_template(
+                    req.messages,
+                    add_generation_prompt=req.add_generation_prompt,
+                    tokenize=True,
+                    **tools,
+                    **req.chat_template_kwargs,
+                )
+            except Exception as e:  # a template raising on its input is the client's error
+                raise AdmissionError("invalid_request", f"chat template failed: {e}") from e
+            return list(ids)
+        if isinstance(req.prompt, str):
+            return list(self.tokenizer.encode(req.prompt))
+        ids = list(req.prompt or [])
+        vocab = self._vocab or 1 << 31
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise AdmissionError("invalid_request", f"prompt token ids out of range: {bad[:5]}")
+        return ids
+
+    def submit(self, req: Generate) -> None:
+        if req.rid in self._by_rid:
+            raise AdmissionError("invalid_request", f"duplicate request id {req.rid}")
+        ids = self._tokenize(req)
+        n = len(ids)
+        if n == 0:
+            raise AdmissionError("invalid_request", "the prompt is empty")
+        if req.count_only:
+            self._answers.append(Delta(req.rid, prompt_tokens=n, finish_reason="stop"))
+            return
+        ctx = self.context_length
+        max_tokens = req.max_tokens if req.max_tokens is not None else ctx - n
+        if n >= ctx or n + max_tokens > ctx:
+            raise AdmissionError(
+                "context_length_exceeded",
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{n + max(max_tokens, 0)} tokens ({n} in the prompt, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+            )
+        if max_tokens <= 0:
+            raise AdmissionError("invalid_request", "max_tokens must be at least 1")
+        sampler = sampler_for(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            vocab=self._vocab,
+        )
+        first = self._first_delta(req, ids)
+        processors = self._processors(req)
+        grammar = self._grammar(req, first)
+        if grammar is not None:
+            processors.append(grammar)
+        # A grammar ends its sequence itself, so ignore_eos never runs it past the grammar.
+        stops = [_NO_STOP] if req.ignore_eos and grammar is None else None
+        (uid,) = self._gen.insert(
+            [ids], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
+            logits_processors=[processors],
+        )
+        seq = _Seq(req.rid, uid, self.tokenizer.detokenizer, StopText(req.stop), n,
+                   grammar=grammar, top_logprobs=req.top_logprobs if req.logprobs else -1,
+                   first=first)
+        self._by_uid[uid] = seq
+        self._by_rid[req.rid] = seq
+        self.prompt_tokens_total += n
+
+    def _format(self, req: Generate) -> tuple[str, list[str]]:
+        """(tool-call format, thinking markers) for the parsers configured on this request."""
+        key = f"{req.tool_parser}|{req.reasoning_parser}"
+        if key not in self._formats:
+            self._formats[key] = (resolve_tool_parser(self._hf, req.tool_parser),
+                                  resolve_reasoning(self._hf, req.reasoning_parser))
+        return self._formats[key]
+
+    def _first_delta(self, req: Generate, ids: list[int]) -> Delta:
+        tool_parser, reasoning = self._format(req)
+        if req.tools and req.tool_choice != "auto" and tool_parser not in FORCED_FORMATS:
+            tool_parser = "json"  # a forced call is generated as a bare JSON call object
+        thinking = False
+        if reasoning and req.messages is not None:
+            tail = self.tokenizer.decode(ids[-64:])
+            start = tail.rfind(reasoning[0])
+            thinking = start >= 0 and start > tail.rfind(reasoning[1])
+        return Delta(req.rid, tool_parser=tool_parser if req.tools else "",
+                     reasoning=reasoning, thinking=thinking)
+
+    def _processors(self, req: Generate) -> list[Any]:
+        bad = [t for t in req.logit_bias if not 0 <= t < (self._vocab or 1 << 31)]
+        if bad:
+            raise AdmissionError("invalid_request", f"logit_bias token ids out of range: {bad[:5]}")
+        return make_logits_processors(
+            logit_bias=req.logit_bias or None,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty != 1.0 else None,
+            repetition_context_size=PENALTY_CONTEXT_TOKENS,
+            presence_penalty=req.presence_penalty or None,
+            presence_context_size=PENALTY_CONTEXT_TOKENS,
+            frequency_penalty=req.frequency_penalty or None,
+            frequency_context_size=PENALTY_CONTEXT_TOKENS,
+        )
+
+    def _grammar(self, req: Generate, first: Delta) -> GrammarProcessor | None:
+        g = self._grammars
+        try:
+            if req.tools and req.tool_choice != "auto":
+                grammar = g.tool_call(req.tools, req.tool_choice, first.tool_parser)
+            elif req.json_schema is not None:
+                grammar = g.json_schema(req.json_schema or {"type": "object"},
+                                        "response_format.json_schema.schema")
+            else:
+                return None
+            return GrammarProcessor(g.matcher(grammar), g.llt.vocab_size)
+        except GrammarError as e:
+            raise AdmissionError("invalid_request", str(e)) from None
+
+    def _logprobs(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        entry = TokenLogprob(decode([token]), float(logprobs[token].item()))
+        if top > 0:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            vals = logprobs[ids]
+            order = mx.argsort(-vals)
+            entry.top = [(decode([i]), v) for i, v in
+                         zip(ids[order].tolist(), vals[order].tolist(), strict=True)]
+        return entry
+
+    def cancel(self, rid: int) -> None:
+        seq = self._by_rid.pop(rid, None)
+        if seq is not None:
+            del self._by_uid[seq.uid]
+            self._gen.remove([seq.uid])
+
+    # ------------------------------------------------------------------ decoding
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._by_uid or self._answers)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._by_uid)
+
+    def step(self) -> list[Delta]:
+        """One batch step. Returns the deltas of every sequence that advanced."""
+        out, self._answers = self._answers, []
+        if not self._by_uid:
+            return out
+        _, responses = self._gen.next()
+        for r in responses:
+            seq = self._by_uid.get(r.uid)
+            if seq is None:
+                continue
+            seq.completion_tokens += 1
+            self.generation_tokens_total += 1
+            finish = r.finish_reason
+            lps = None
+            if seq.top_logprobs >= 0:
+                lps = [self._logprobs(r.token, r.logprobs, seq.top_logprobs)]
+            if seq.grammar is not None and seq.grammar.done and not finish:
+                finish = "stop"  # the grammar is complete: nothing may follow
+                self._gen.remove([r.uid])
+            if not (finish == "stop" and r.token in self._eos):
+                seq.detok.add_token(r.token)
+            if finish:
+                seq.detok.finalize()
+            text, hit = seq.stop.feed(seq.detok.last_segment)
+            if hit and not finish:
+                finish = "stop"
+                self._gen.remove([r.uid])
+            elif finish and not hit:
+                text += seq.stop.flush()
+            if finish:
+                del self._by_uid[r.uid]
+                del self._by_rid[seq.rid]
+            if text or finish or lps or seq.completion_tokens == 1:
+                d = Delta(seq.rid, text, seq.completion_tokens, seq.prompt_tokens, finish, lps)
+                if seq.first is not None:
+                    d.tool_parser = seq.first.tool_parser
+                    d.reasoning = seq.first.reasoning
+                    d.thinking = seq.first.thinking
+                    seq.first = None
+                if hit:
+                    d.stop_sequence = seq.stop.matched
+                out.append(d)
+        return out
+
+    def abort_all(self) -> list[int]:
+        """Drop every sequence (after an engine failure); returns their request ids."""
+        rids = list(self._by_rid)
+        for rid in rids:
+            self.cancel(rid)
+        return rids
+
+    def close(self) -> None:
+        self._gen.close()
