@@ -41,7 +41,7 @@ from mlx_gw.gateway.routes import (
     openai,
 )
 from mlx_gw.gateway.state import SUPERVISOR
-from mlx_gw.gateway.supervision.blas import fast_blas_env
+from mlx_gw.gateway.supervision.blas import fast_blas_env, warn_if_none
 from mlx_gw.gateway.supervision.supervisor import Supervisor
 
 log = logging.getLogger("mlxgw.http")
@@ -113,7 +113,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
 def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(fast_blas_env(env))
+    additions = fast_blas_env(env)
+    warn_if_none(additions, env)
+    env.update(additions)
     return env
 
 

@@ -10,7 +10,9 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from mlx_gw.gateway.supervision import blas
@@ -21,6 +23,7 @@ from mlx_gw.gateway.supervision.blas import (
     fast_blas_env,
     find_fast_blas,
 )
+from tests.conftest import tiny_config
 
 READY_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 10.0
@@ -151,3 +154,48 @@ def test_blas_in_use_of_missing_process() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(timeout=EXIT_TIMEOUT_S)
     assert blas_in_use(proc.pid) is None
+
+
+def test_pip_openblas_needs_no_system_gfortran(fast_lib: str) -> None:
+    """cmeel-openblas needs libgfortran.so.5, absent on a fresh Debian machine: the workers
+    get numpy's bundled copy through LD_LIBRARY_PATH, never the system's."""
+    if fast_lib not in blas._pip_openblas_paths():
+        pytest.skip("the BLAS found is not the pip-installed cmeel-openblas")
+    additions = fast_blas_env(clean_env())
+    with mlx_child(clean_env(**additions)) as proc:
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    fortran = {line.split()[-1] for line in maps.splitlines() if "libgfortran" in line}
+    # (mlx_cpu.libs maps its own renamed copy for the reference BLAS it bundles.)
+    assert any("/numpy.libs/" in f for f in fortran), fortran
+    assert not any(f.startswith(("/usr/", "/lib")) for f in fortran), fortran
+
+
+def _worker_blas(gw: Any) -> str | None:
+    r = httpx.post(gw.url + "/api/load", json={"model": "tiny-0"}, timeout=120)
+    assert r.status_code == 200, r.text
+    ps = httpx.get(gw.url + "/api/ps", timeout=10).json()["models"]
+    assert ps[0]["blas"] == r.json()["blas"]
+    ready = [e for e in httpx.get(gw.url + "/api/events", timeout=10).json()["events"]
+             if e["type"] == "ready"]
+    assert ready[-1]["blas"] == r.json()["blas"]
+    return r.json()["blas"]
+
+
+@linux_only
+def test_each_worker_reports_its_blas(start_gateway: Any, tiny_dir: Path, fast_lib: str) -> None:
+    gw = start_gateway(tiny_config(tiny_dir, n=1))
+    used = _worker_blas(gw)
+    assert used is not None and "openblas" in Path(used).name.lower(), used
+    assert "reference BLAS" not in gw.log()
+
+
+@linux_only
+def test_a_worker_on_the_reference_blas_is_loud(start_gateway: Any, tiny_dir: Path) -> None:
+    gw = start_gateway(tiny_config(tiny_dir, n=1), env={BLAS_ENV_VAR: "off"})
+    assert _worker_blas(gw) == "reference"
+    log = gw.log()
+    assert "[worker:tiny-0] computes with MLX's reference BLAS" in log, log[-2000:]
+    done = subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", "ps"],
+                          env={**os.environ, "MLX_GW_HOME": str(gw.home)}, capture_output=True,
+                          text=True, timeout=60)
+    assert "reference" in done.stdout, done.stdout + done.stderr

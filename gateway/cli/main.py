@@ -152,13 +152,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     rows = api("GET", "/api/ps")["models"]
-    fmt = "{:<28} {:<9} {:>8} {:<9} {:>10} {:>9}  {}"
-    print(fmt.format("NAME", "TYPE", "PID", "STATE", "MEMORY", "IN_FLIGHT", "EXPIRES"))
+    fmt = "{:<28} {:<9} {:>8} {:<9} {:>10} {:>9}  {:<24}  {}"
+    print(fmt.format("NAME", "TYPE", "PID", "STATE", "MEMORY", "IN_FLIGHT", "EXPIRES", "BLAS"))
     for m in rows:
         print(fmt.format(m["name"], m["type"], m["pid"] or "-", m["state"],
                          f"{m['memory_bytes'] / 2**20:.0f} MiB", m["in_flight"],
-                         m["expires_at"] or "never"))
+                         m["expires_at"] or "never", _blas_label(m.get("blas"))))
     return 0
+
+
+def _blas_label(blas: str | None) -> str:
+    """OpenBLAS by file name, "reference (slow!)", or "-" where it does not apply (GPU)."""
+    if blas is None:
+        return "-"
+    return "reference (slow!)" if blas == "reference" else Path(blas).name
 
 
 def cmd_load(args: argparse.Namespace) -> int:

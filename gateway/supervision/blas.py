@@ -6,6 +6,13 @@ plain ``cblas_sgemm``/``sgemm_`` symbols makes MLX's calls bind to it instead. T
 spawns the workers, so it owns their environment: ``fast_blas_env`` returns the variables to
 add, and ``blas_in_use`` reads a live worker's memory map to log (and test) what it got.
 
+The pip-installed ``cmeel-openblas`` needs ``libgfortran.so.5``, which a fresh Debian or Ubuntu
+machine does not have: there the library failed its test load and workers silently ran on the
+reference BLAS (a 1,000-token prompt took 135-202 s to its first token instead of 6-9 s).
+numpy's wheel bundles a libgfortran (``numpy.libs/libgfortran-*.so.5*``): ``gfortran_dir``
+links it as ``libgfortran.so.5`` in a private directory that goes on the workers'
+LD_LIBRARY_PATH, so the preload works with no system package and no root.
+
 ``MLX_GW_BLAS`` steers the choice: unset, empty or ``auto`` searches; ``off`` disables the
 preload; anything else is the path of the library to preload. Nothing is preloaded outside
 Linux (on macOS MLX uses Metal and Accelerate).
@@ -14,12 +21,16 @@ Linux (on macOS MLX uses Metal and Accelerate).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+log = logging.getLogger("mlxgw.supervisor")
 
 __all__ = [
     "BLAS_ENV_VAR",
@@ -60,24 +71,70 @@ def _is_linux() -> bool:
 
 
 @functools.cache
-def _loads(path: str) -> bool:
-    """Whether ``path`` and its dependencies load; runs once per path per process."""
+def _loads(path: str, lib_dir: str | None = None) -> bool:
+    """Whether ``path`` and its dependencies load (with ``lib_dir`` on LD_LIBRARY_PATH);
+    runs once per path per process. A failure is logged with the loader's reason."""
+    env = dict(os.environ)
+    if lib_dir:
+        env["LD_LIBRARY_PATH"] = _prepend(lib_dir, env.get("LD_LIBRARY_PATH", ""))
     try:
         done = subprocess.run(
             [sys.executable, "-c", _LOAD_CHECK, path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
             timeout=LOAD_CHECK_TIMEOUT_S,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("[blas] %s does not load: %s", path, e)
         return False
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
+        log.warning("[blas] %s does not load: %s", path, reason)
     return done.returncode == 0
 
 
+def _prepend(entry: str, path_list: str) -> str:
+    parts = [p for p in path_list.split(":") if p]
+    return ":".join([entry, *(p for p in parts if p != entry)])
+
+
+@functools.cache
+def gfortran_dir() -> str | None:
+    """A directory holding ``libgfortran.so.5`` (numpy's bundled copy, and the libraries it
+    links by $ORIGIN), for the workers' LD_LIBRARY_PATH; None when numpy bundles none."""
+    try:
+        dist = importlib.metadata.distribution("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    libs = [Path(str(dist.locate_file(f))) for f in dist.files or ()
+            if f.parent.name == "numpy.libs"]
+    fortran = next((f for f in libs if f.name.startswith("libgfortran")), None)
+    if fortran is None:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(str(fortran.resolve()).encode()).hexdigest()[:12]
+    target = cache / "mlx-gw" / f"gfortran-{digest}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        links = {f.name: f for f in libs} | {"libgfortran.so.5": fortran}
+        for name, src in links.items():
+            link = target / name
+            if not link.is_symlink() or link.resolve() != src.resolve():
+                link.unlink(missing_ok=True)
+                link.symlink_to(src.resolve())
+    except OSError as e:
+        log.warning("[blas] cannot link numpy's libgfortran into %s: %s", target, e)
+        return None
+    return str(target)
+
+
 def _pip_openblas_paths() -> list[str]:
-    """Library paths from installed pip distributions in ``_PIP_OPENBLAS`` (none imported)."""
+    """Library paths from installed pip distributions in ``_PIP_OPENBLAS`` (none imported).
+    They need libgfortran.so.5: `gfortran_dir` supplies it."""
     paths = []
     for dist_name, file_name in _PIP_OPENBLAS:
         try:
@@ -113,7 +170,10 @@ def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
             )
         return setting
     # The pip wheel (0.3.31) measured 1.5-1.9x faster than Debian 12's 0.3.21: try it first.
-    for path in (*_pip_openblas_paths(), *SYSTEM_OPENBLAS_PATHS):
+    for path in _pip_openblas_paths():
+        if Path(path).is_file() and _loads(path, gfortran_dir()):
+            return path
+    for path in SYSTEM_OPENBLAS_PATHS:
         if Path(path).is_file() and _loads(path):
             return path
     return None
@@ -142,6 +202,9 @@ def fast_blas_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         return {}
     existing = base.get("LD_PRELOAD", "").replace(":", " ").split()
     additions = {"LD_PRELOAD": " ".join(existing if lib in existing else [*existing, lib])}
+    fortran = gfortran_dir() if lib in _pip_openblas_paths() else None
+    if fortran is not None:
+        additions["LD_LIBRARY_PATH"] = _prepend(fortran, base.get("LD_LIBRARY_PATH", ""))
     if not base.get("OPENBLAS_NUM_THREADS"):
         additions["OPENBLAS_NUM_THREADS"] = str(_cpu_count())
     return additions
@@ -179,6 +242,15 @@ REFERENCE_HINT = (
     "Install a fast BLAS the gateway can preload: `apt-get install libopenblas0-pthread` "
     "(Debian/Ubuntu), or `apt-get install libgfortran5` for the pip-installed cmeel-openblas; "
     f"or point {BLAS_ENV_VAR} at an OpenBLAS library.")
+
+
+def warn_if_none(additions: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
+    """Say loudly, once at start-up, that CPU workers will run on the reference BLAS."""
+    env = os.environ if env is None else env
+    if (_is_linux() and "LD_PRELOAD" not in additions
+            and env.get(BLAS_ENV_VAR, "").strip().lower() != "off"):
+        log.warning("[blas] no fast BLAS found: CPU workers will use MLX's reference BLAS and "
+                    "run prompts ~25x slower. %s", REFERENCE_HINT)
 
 
 def worker_blas(pid: int, device: str) -> str | None:
