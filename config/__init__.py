@@ -9,6 +9,7 @@ from mlx_gw.config.defaults import (
     default_config,
     default_config_problem,
     locate_default_model,
+    models_dir,
 )
 from mlx_gw.config.durations import format_duration, parse_bytes, parse_duration
 from mlx_gw.config.loader import find_config, load_config, load_yaml, render_init_yaml
@@ -46,6 +47,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "locate_default_model",
+    "models_dir",
     "parse_bytes",
     "parse_config",
     "parse_duration",

