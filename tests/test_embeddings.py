@@ -214,3 +214,27 @@ def test_default_minilm_ranks_a_paraphrase_above_an_unrelated_sentence(start_gat
         "documents": ["Interest rates rose again this quarter.",
                       "There was a cat sitting on the rug."]}).json()
     assert [x["index"] for x in rr["results"]] == [1, 0]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/audio/speech", {"input": "hi", "voice": "x"}),
+])
+def test_every_route_checks_the_kind_before_loading(gw: GatewayProc, path: str,
+                                                    body: dict) -> None:
+    """An embedding model sent to a text or speech route is refused before any worker
+    spawns: no load event, not resident."""
+    if "bert" in {m["name"] for m in gw.ps()}:
+        httpx.post(gw.url + "/api/unload", json={"model": "bert"}, timeout=60)
+    loads_before = len([e for e in httpx.get(gw.url + "/api/events", timeout=10).json()["events"]
+                        if e["type"] == "load" and e["model"] == "bert"])
+    r = httpx.post(gw.url + path, json={"model": "bert", **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "of type 'embedding', which does not serve" in r.text, r.text
+    loads = [e for e in httpx.get(gw.url + "/api/events", timeout=10).json()["events"]
+             if e["type"] == "load" and e["model"] == "bert"]
+    assert len(loads) == loads_before
+    assert "bert" not in {m["name"] for m in gw.ps()}

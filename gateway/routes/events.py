@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from mlx_gw.gateway.errors import BadRequest
+from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
 
 KEEPALIVE_S = 15.0
@@ -86,28 +87,24 @@ async def events(request: web.Request) -> web.StreamResponse:
     q = hub.subscribe()  # before the backlog is copied: nothing falls between the two
     try:
         backlog = [e for e in sup.events if e["id"] > after]
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        await resp.write(b": mlx-gw events\n\n")
+        out = EventStream(request)
+        await out.comment("mlx-gw events")
         last = after
         for e in backlog:
-            await resp.write(_sse(e))
+            await out.write(_sse(e))
             last = e["id"]
         while True:
             try:
                 e = await asyncio.wait_for(q.get(), KEEPALIVE_S)
             except TimeoutError:
-                await resp.write(b": keepalive\n\n")
+                await out.comment("keepalive")
                 continue
             if e is _END:
                 break
             if e["id"] > last:
-                await resp.write(_sse(e))
+                await out.write(_sse(e))
                 last = e["id"]
-        await resp.write_eof()
-        return resp
+        return await out.close()
     finally:
         hub.unsubscribe(q)
 

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.errors import BadRequest, Conflict, GatewayError, NotFound, Unavailable
+from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.store import model_files
 from mlx_gw.gateway.supervision.supervisor import Supervisor
@@ -142,13 +143,10 @@ async def pull(request: web.Request) -> web.StreamResponse:
         if not body.stream:
             path = await fut
             return web.json_response({"status": "success", **summary, "path": path})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
+        out = EventStream(request)
 
         async def send(event: dict[str, Any]) -> None:
-            await resp.write(b"data: " + _dumps(event).encode() + b"\n\n")
+            await out.write(b"data: " + _dumps(event).encode() + b"\n\n")
 
         await send({"status": "manifest", **summary})
         while not fut.done():
@@ -160,7 +158,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
             else:
                 get.cancel()
                 if not done:
-                    await resp.write(b": downloading\n\n")
+                    await out.comment("downloading")
         while not reports.empty():  # reports queued before the thread returned
             await send(reports.get_nowait())
         try:
@@ -171,8 +169,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
             await send({"status": "error", **err.openai_body()})
         else:
             await send({"status": "success", **summary, "path": path})
-        await resp.write_eof()
-        return resp
+        return await out.close()
     finally:
         if not fut.done():
             cancelled.set()  # the download thread stops at its next chunk
