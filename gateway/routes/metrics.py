@@ -134,7 +134,7 @@ class _Children:
 
 
 class RequestTimer:
-    """One request's figures. The route sets `model` once it has resolved it, passes
+    """One request's figures. `model` is set when the request resolves its model; the route passes
     `delta` as the worker stream's observer, and calls `failed` when a stream breaks after
     its headers went out; the middleware records the rest when the response ends."""
 
@@ -202,7 +202,7 @@ def observer() -> Callable[[Delta], None] | None:
 
 
 def _attribute(model: str) -> None:
-    """A lease began in this request's task: the request is this model's (any route)."""
+    """This request resolved its model: the request is this model's (any route)."""
     timer = _current.get()
     if timer is not None:
         timer.model = model
@@ -295,6 +295,6 @@ def install(app: web.Application) -> Metrics:
     m = Metrics(sup)
     app[METRICS] = m
     sup.listeners.append(m.on_event)
-    sup.lease_observers.append(_attribute)
+    sup.resolve_observers.append(_attribute)
     app.add_routes(routes)
     return m

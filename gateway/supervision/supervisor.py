@@ -52,9 +52,9 @@ class Supervisor:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         # Called with each event as it happens (metrics, /api/events?follow=1); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        # Called with the resolved model's name as a lease begins, in the request's task
+        # Called with the model's name once a request has resolved it, in the request's task
         # (request metrics attribute the request to its model whatever the route).
-        self.lease_observers: list[Callable[[str], None]] = []
+        self.resolve_observers: list[Callable[[str], None]] = []
         self._event_ids = itertools.count(1)
         self.draining = False
         self._idle = asyncio.Event()  # set while no request holds a lease
@@ -93,6 +93,8 @@ class Supervisor:
             known = ", ".join(self.config.models) or "none configured"
             raise NotFound(f"The model '{name}' does not exist. Available models: {known}",
                            param="model")
+        for observe in self.resolve_observers:
+            observe(model.name)
         if route is not None:
             check_kind(model, name, route)
         return model
@@ -130,8 +132,6 @@ class Supervisor:
         waits, `heartbeat` is awaited every KEEPALIVE_S. Blocks on the hold (another model's
         turn), then on the load; raises QueueFull, LoadFailed, Unavailable."""
         h = self.handle(model)
-        for observe in self.lease_observers:
-            observe(h.model.name)
         self._check_queue(h)
         lid = h.leases.enter()
         self._idle.clear()
