@@ -39,12 +39,11 @@ def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
     build_tool_model(hot, seed=3)
     (hot / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 2.0, "eos_token_id": 0}))
-    config = {"gateway": {"port": 0, "default_max_tokens": 9, "request_timeout": "2s"},
+    config = {"gateway": {"port": 0, "default_max_tokens": 9},
               "models": {
                   "plain": {"type": "llm", "path": str(tiny_dir / "tiny-0")},
                   "bounded": {"type": "llm", "path": str(tiny_dir / "tiny-0"),
                               "max_tokens": 5},
-                  "long": {"type": "llm", "path": str(tiny_dir / "tiny-long")},
                   "hot": {"type": "llm", "path": str(hot)},
                   "hot-tamed": {"type": "llm", "path": str(hot),
                                 "sampling": {"temperature": 0}},
@@ -76,9 +75,11 @@ def test_a_request_without_max_tokens_gets_the_model_or_gateway_bound(gw: Gatewa
     assert r["usage"]["completion_tokens"] == 7
 
 
-def test_a_request_out_of_time_keeps_its_text(gw: GatewayProc) -> None:
+def test_a_request_out_of_time_keeps_its_text(start_gateway, tiny_dir: Path) -> None:
     """request_timeout is 2 s; 16,000 tokens take far longer. Whole answers keep what was
     generated, cut as by max_tokens; a stream ends with an error event, as before."""
+    gw = start_gateway({"gateway": {"port": 0, "request_timeout": "2s"}, "models": {
+        "long": {"type": "llm", "path": str(tiny_dir / "tiny-long")}}})
     long = {"model": "long", "ignore_eos": True, "max_tokens": 16000, "temperature": 0}
     r = chat(gw, **long)
     choice = r["choices"][0]
