@@ -18,12 +18,14 @@ from mlx_gw.config.schema import (
     ENV_API_KEY,
     ENV_CONFIG,
     MODEL_TYPES,
+    SAMPLING_KEYS,
     UNSET,
     Config,
     ConfigError,
     GatewayConfig,
     ModelConfig,
     ModelType,
+    SamplingConfig,
 )
 from mlx_gw.config.validate import parse_config
 
@@ -33,6 +35,7 @@ __all__ = [
     "ENV_API_KEY",
     "ENV_CONFIG",
     "MODEL_TYPES",
+    "SAMPLING_KEYS",
     "UNSET",
     "Config",
     "ConfigError",
@@ -40,6 +43,7 @@ __all__ = [
     "GatewayConfig",
     "ModelConfig",
     "ModelType",
+    "SamplingConfig",
     "default_config",
     "default_config_problem",
     "find_config",

@@ -150,6 +150,46 @@ def check_reasoning_parser(value: object, key: str) -> str | tuple[str, str]:
     return check_choice(value, key, choices=REASONING_PARSERS)
 
 
+def check_number(value: object, key: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"expected a number, got {describe(value)}",
+            key=key,
+            fix=f"write a number from {low} to {high}, without quotes",
+        )
+    if not low <= value <= high:
+        raise ConfigError(f"{value} is out of range", key=key,
+                          fix=f"use a number from {low} to {high}")
+    return float(value)
+
+
+def check_sampling(value: object, key: str) -> Any:
+    """A model's `sampling:` mapping: temperature, top_p, top_k, min_p, each optional."""
+    from mlx_gw.config.schema import SAMPLING_KEYS, SamplingConfig
+
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"expected a mapping, got {describe(value)}",
+            key=key,
+            fix="write e.g. `sampling: {temperature: 0.7, top_p: 0.9}`",
+        )
+    checks: dict[str, Check] = {
+        "temperature": lambda v, k: check_number(v, k, low=0.0, high=2.0),
+        "top_p": lambda v, k: check_number(v, k, low=0.0, high=1.0),
+        "top_k": lambda v, k: check_int(v, k, low=0),
+        "min_p": lambda v, k: check_number(v, k, low=0.0, high=1.0),
+    }
+    values = {}
+    for name, raw in value.items():
+        if name not in SAMPLING_KEYS:
+            close = difflib.get_close_matches(str(name), SAMPLING_KEYS, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
+                              fix=f"{hint}Valid keys here: {', '.join(SAMPLING_KEYS)}")
+        values[name] = None if raw is None else checks[name](raw, f"{key}.{name}")
+    return SamplingConfig(**values)
+
+
 def optional(check: Check) -> Check:
     return lambda value, key: None if value is None else check(value, key)
 

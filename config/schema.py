@@ -83,6 +83,19 @@ UNSET = _Unset.UNSET
 """ModelConfig.keep_alive when the file does not set it: the gateway default applies."""
 
 DEFAULT_MEMORY_LIMIT = "75%"
+DEFAULT_MAX_TOKENS = 2048
+SAMPLING_KEYS: tuple[str, ...] = ("temperature", "top_p", "top_k", "min_p")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """A model's `sampling:` overrides: each one set replaces the model's own default (from
+    its generation_config.json or GGUF metadata) for requests that do not send it."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
 
 
 def total_memory_bytes() -> int:
@@ -114,6 +127,10 @@ class GatewayConfig:
     max_queue: int = 256
     max_body_bytes: int = 16 * 2**20
     remote_images: bool = True  # fetch http(s) image URLs for vlm models
+    # Completion bound of a request that sends no max_tokens (cut to what the context window
+    # leaves); None = up to the window. At ~16 tok/s (135M f32 on 2 CPU cores) 2048 tokens
+    # take ~2 min, well inside request_timeout, and far more than a chat answer needs.
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
 
     def __post_init__(self) -> None:
         if self.memory_limit <= 0:
@@ -138,6 +155,8 @@ class ModelConfig:
     context_length: int | None = None
     tool_parser: str = "auto"
     reasoning_parser: str | tuple[str, str] = "auto"
+    max_tokens: int | None = None  # None = gateway.default_max_tokens
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -172,6 +191,12 @@ class Config:
             return self.gateway.default_keep_alive
         return model.keep_alive
 
+    def effective_max_tokens(self, model: ModelConfig) -> int | None:
+        """The completion bound of `model`'s requests that send no max_tokens (None: up to
+        the context window): its own `max_tokens` or `gateway.default_max_tokens`."""
+        return model.max_tokens if model.max_tokens is not None \
+            else self.gateway.default_max_tokens
+
 
 # Every key models.yaml accepts, with the one-line comment `mlx-gw init` writes beside it.
 TOP_LEVEL_DOCS: dict[str, str] = {
@@ -195,6 +220,8 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "max_queue": "most requests waiting at once across all models; more get 429",
     "max_body_bytes": 'largest request body accepted, e.g. "16MiB"; more gets 413',
     "remote_images": "fetch http(s) image URLs in vlm chat requests; false = only data: URLs",
+    "default_max_tokens": "completion bound of a request that sends no max_tokens; null = up "
+    "to the context window",
 }
 MODEL_KEY_DOCS: dict[str, str] = {
     "type": "llm | vlm | embedding | tts | stt",
@@ -209,5 +236,8 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "tool_parser": "tool-call format: auto (from the chat template) | none | hermes | "
     "llama3_json | mistral | mlx_lm:NAME",
     "reasoning_parser": 'thinking markers: auto | none | think | ["<start>", "<end>"]',
+    "max_tokens": "overrides gateway.default_max_tokens for this model",
+    "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
+    "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }
 REQUIRED_MODEL_KEYS: tuple[str, ...] = ("type", "path")

@@ -28,6 +28,7 @@ from mlx_gw.config.fields import (
     check_memory_limit,
     check_names,
     check_reasoning_parser,
+    check_sampling,
     check_size,
     check_str,
     check_timeout,
@@ -212,6 +213,7 @@ _GATEWAY_CHECKS: dict[str, Check] = {
     "max_queue": partial(check_int, low=1),
     "max_body_bytes": check_size,
     "remote_images": check_bool,
+    "default_max_tokens": optional(partial(check_int, low=1)),
 }
 _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the file's context
     "type": partial(check_choice, choices=MODEL_TYPES),
@@ -224,6 +226,8 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "context_length": optional(partial(check_int, low=1)),
     "tool_parser": partial(check_choice, choices=TOOL_PARSERS),
     "reasoning_parser": check_reasoning_parser,
+    "max_tokens": optional(partial(check_int, low=1)),
+    "sampling": check_sampling,
 }
 
 

@@ -625,3 +625,32 @@ def test_gateway_keys_match_the_dataclass() -> None:
     model_fields = {field.name for field in dataclasses.fields(ModelConfig)} - {"name"}
     assert model_fields == set(MODEL_KEY_DOCS)
     assert Config().models == {}
+
+
+# --- request defaults (issue 21) ------------------------------------------------------------
+
+
+def test_max_tokens_and_sampling_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "gateway:\n  default_max_tokens: 512\n" + model_yaml(
+        "max_tokens: 64\nsampling: {temperature: 0.7, top_k: 20}\n") + "  m2:\n    type: llm\n"
+        "    path: org/other\n")
+    config = load_config(path, env={"HOME": str(tmp_path)})
+    m1, m2 = config.models["m1"], config.models["m2"]
+    assert (m1.sampling.temperature, m1.sampling.top_k, m1.sampling.top_p) == (0.7, 20, None)
+    assert config.effective_max_tokens(m1) == 64 and config.effective_max_tokens(m2) == 512
+    assert GatewayConfig().default_max_tokens == 2048
+    unbounded = parse_config({"gateway": {"default_max_tokens": None}})
+    assert unbounded.gateway.default_max_tokens is None
+
+
+@pytest.mark.parametrize(("body", "key", "needle"), [
+    ("sampling: {temprature: 0.5}", "models.m1.sampling.temprature", "did you mean `temperature`"),
+    ("sampling: {temperature: 3}", "models.m1.sampling.temperature", "from 0.0 to 2.0"),
+    ('sampling: {top_p: "0.9"}', "models.m1.sampling.top_p", "without quotes"),
+    ("sampling: 0.5", "models.m1.sampling", "sampling: {temperature"),
+    ("max_tokens: 0", "models.m1.max_tokens", "at least 1"),
+])
+def test_bad_request_defaults_name_the_key(tmp_path: Path, body: str, key: str,
+                                           needle: str) -> None:
+    error = load_error(tmp_path, model_yaml(body + "\n"))
+    assert error.key == key and needle in str(error), str(error)

@@ -27,6 +27,23 @@ def test_start_without_config_serves_the_default_model(start_gateway) -> None:
     assert r.usage.prompt_tokens > 10
 
 
+def test_the_default_model_answers_sensibly_with_no_sampling_parameters(start_gateway) -> None:
+    """No temperature, no max_tokens (issue 21): the file names no sampling defaults, so the
+    worker decodes greedily, and the answers end by themselves, short and on topic."""
+    gw = start_gateway(None)
+    # Greedy answers come in seconds; temperature 1.0 rambles for minutes (the old default).
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    answers = {}
+    for question in ("Hi!", "What is the capital of France?"):
+        r = c.chat.completions.create(model="smollm2-135m-instruct",
+                                      messages=[{"role": "user", "content": question}])
+        assert r.choices[0].finish_reason == "stop", r
+        assert r.usage.completion_tokens < 64, r
+        answers[question] = r.choices[0].message.content
+    assert any(w in answers["Hi!"].lower() for w in ("hello", "hi", "help")), answers
+    assert "Paris" in answers["What is the capital of France?"], answers
+
+
 def test_broken_gguf_fails_its_load_and_the_rest_keep_serving(start_gateway, tiny_dir: Path,
                                                               tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.gguf"

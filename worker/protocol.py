@@ -38,11 +38,16 @@ class Generate(_Msg, tag="gen"):
     rid: int
     messages: list[dict[str, Any]] | None = None
     prompt: str | list[int] | None = None
-    max_tokens: int | None = None  # None: up to the context window
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    max_tokens: int | None = None  # the client's bound; None: `default_max_tokens`
+    # The bound when the client sent none (models.yaml `max_tokens`, else the gateway's
+    # `default_max_tokens`), cut to what the context window leaves; None: up to the window.
+    default_max_tokens: int | None = None
+    # Sampling; None = not given: the worker takes the model's own defaults
+    # (generation_config.json, then GGUF metadata, then fallbacks for small models).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: list[str] = []
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, tests), as vLLM's flag

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from mlx_gw.gateway.errors import GatewayError
+from mlx_gw.gateway.errors import GatewayError, TimedOut
 from mlx_gw.gateway.routes import metrics
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
@@ -31,7 +31,7 @@ from mlx_gw.gateway.translate.anthropic import (
     to_chat,
     to_generate,
 )
-from mlx_gw.gateway.translate.chat_stream import ChoiceParser, merged
+from mlx_gw.gateway.translate.chat_stream import ChoiceParser, merged, ran_out_of_time
 from mlx_gw.gateway.translate.schemas import decode, for_model, keep_alive_param
 from mlx_gw.worker.protocol import Delta, Generate
 
@@ -73,7 +73,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
                         out.collect(d)
                     if d.finish_reason is not None:
                         break
-                    _, d = await anext(deltas)
+                    try:
+                        _, d = await anext(deltas)
+                    except TimedOut:  # logged by the handle; a whole message keeps its text
+                        if req.stream:
+                            raise
+                        d = ran_out_of_time(out.parser.last)
                 if req.stream:
                     return await out.end()
                 return web.json_response(out.message())

@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from mlx_gw.config import ModelConfig
-from mlx_gw.gateway.errors import GatewayError
+from mlx_gw.gateway.errors import GatewayError, TimedOut
 from mlx_gw.gateway.routes import metrics, vision
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
@@ -81,7 +81,7 @@ async def _complete(
     gen: Generate, *, chat: bool
 ) -> web.StreamResponse:
     sup = request.app[SUPERVISOR]
-    for_model(gen, model)
+    for_model(gen, model, default_max_tokens=sup.config.effective_max_tokens(model))
     out = _Shaper(model.name, chat, tools=gen.tools, n=req.n)
     probe = is_probe(request, req)
     if probe and not sup.is_ready(model):
@@ -99,7 +99,10 @@ async def _complete(
                     return await sse.relay(first, deltas, include_usage)
                 out.add(*first)
                 while not out.done:
-                    out.add(*await anext(deltas))
+                    try:
+                        out.add(*await anext(deltas))
+                    except TimedOut:  # logged by the handle; the text so far is the answer
+                        out.cut()
                 return web.json_response(out.full())
     except GatewayError as e:
         if sse is None or not sse.started:

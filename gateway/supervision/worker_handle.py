@@ -333,6 +333,7 @@ class WorkerHandle:
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._pending[rid] = q
         finished = False
+        tokens = 0  # generated so far, for the deadline's log line
         try:
             wp = self._wp
             if wp is None or self.state is not State.READY:
@@ -345,6 +346,9 @@ class WorkerHandle:
                 try:
                     item = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
+                    log.warning("[worker:%s] request %d hit its deadline (request_timeout "
+                                "%.0fs) after %d generated tokens: cancelled", self.model.name,
+                                rid, self.request_timeout_s, tokens)
                     raise TimedOut("the request exceeded its deadline (request_timeout)",
                                    retry_after=5) from None
                 if isinstance(item, p.Error):
@@ -356,6 +360,7 @@ class WorkerHandle:
                 if kinds is not None and not isinstance(item, kinds):
                     continue
                 finished = is_last(item)
+                tokens = getattr(item, "completion_tokens", tokens)
                 yield item
         finally:
             self._pending.pop(rid, None)

@@ -122,8 +122,8 @@ def to_generate(req: MessagesRequest, model: ModelConfig) -> Generate:
     messages, tools, choice = to_chat(req)
     return for_model(Generate(
         rid=0, messages=messages, max_tokens=req.max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=req.top_p or 1.0, top_k=req.top_k or 0, stop=list(req.stop_sequences or []),
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        stop=list(req.stop_sequences or []),
         tools=tools, tool_choice=choice,
     ), model)
 

@@ -63,6 +63,14 @@ async def merged(handle: Any, gens: list[Generate], *, deadline: float | None = 
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def ran_out_of_time(last: Delta | None) -> Delta:
+    """The last delta of a choice whose request hit its deadline (request_timeout) before the
+    worker finished it: what was generated stands, cut as by max_tokens."""
+    return Delta(rid=last.rid if last else 0, finish_reason="length",
+                 completion_tokens=last.completion_tokens if last else 0,
+                 prompt_tokens=last.prompt_tokens if last else 0)
+
+
 class ChoiceParser:
     """One choice's deltas -> events. `reasoning` and tool parsing apply to chat only."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from mlx_gw.gateway.translate.chat_stream import ChoiceParser, openai_logprobs
+from mlx_gw.gateway.translate.chat_stream import ChoiceParser, openai_logprobs, ran_out_of_time
 from mlx_gw.gateway.translate.tool_calls import ToolCall
 from mlx_gw.worker.protocol import Delta
 
@@ -62,6 +62,12 @@ class Shaper:
                 self._content[i].append(value)
             elif kind == "reasoning":
                 self._reasoning[i].append(value)
+
+    def cut(self) -> None:
+        """End every unfinished choice as cut by max_tokens (the request ran out of time)."""
+        for i, p in enumerate(self.parsers):
+            if p.last is None or p.last.finish_reason is None:
+                self.add(i, ran_out_of_time(p.last))
 
     def full(self) -> dict[str, Any]:
         choices = []

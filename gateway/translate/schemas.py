@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from mlx_gw.config import UNSET, ModelConfig, parse_duration
+from mlx_gw.config import SAMPLING_KEYS, UNSET, ModelConfig, parse_duration
 from mlx_gw.gateway.errors import BadRequest
 from mlx_gw.worker.protocol import Generate
 
@@ -144,10 +144,11 @@ def _sampling_fields(req: _Sampling, max_tokens: int | None) -> dict[str, Any]:
         "repetition_penalty": req.repetition_penalty or 1.0,
         "logit_bias": _logit_bias(req.logit_bias),
         "max_tokens": max_tokens,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": req.top_k or 0,
-        "min_p": req.min_p or 0.0,
+        # None = not given: models.yaml `sampling`, else the worker's model defaults.
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
         "seed": req.seed,
         "stop": _stops(req.stop),
         "ignore_eos": req.ignore_eos,
@@ -332,9 +333,17 @@ def completion_to_generate(req: CompletionRequest) -> Generate:
                     top_logprobs=req.logprobs or 0, **_sampling_fields(req, max_tokens))
 
 
-def for_model(gen: Generate, model: ModelConfig) -> Generate:
-    """Stamp the model's parse settings (tool-call and reasoning formats) on its Generate."""
+def for_model(gen: Generate, model: ModelConfig, *,
+              default_max_tokens: int | None = None) -> Generate:
+    """Stamp the model's settings on its Generate: parse formats (tool calls, reasoning), the
+    completion bound for a request without max_tokens, and the models.yaml `sampling` defaults
+    for each parameter the request left unset (None travels on: the worker resolves it)."""
     gen.tool_parser = model.tool_parser
     rp = model.reasoning_parser
     gen.reasoning_parser = list(rp) if isinstance(rp, tuple) else rp
+    gen.default_max_tokens = default_max_tokens
+    sampling = model.sampling
+    for name in SAMPLING_KEYS:
+        if getattr(gen, name) is None:
+            setattr(gen, name, getattr(sampling, name))
     return gen

@@ -73,6 +73,43 @@ def resolve_reasoning(hf_tokenizer: Any, configured: str | list[str]) -> list[st
     return [start, end] if start and end else []
 
 
+# A forced call must end well inside max_tokens whatever the model does, so its arguments
+# schema is bounded as OpenAI's strict mode closes it: an object that does not say otherwise
+# takes no keys beyond its `properties`, and a free string (no enum, const, pattern, format or
+# maxLength) at most this many characters: room for a query or a path, not for an essay.
+FORCED_STRING_MAX_CHARS = 256
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_STRING_BOUNDS = ("enum", "const", "pattern", "format", "maxLength")
+
+
+def bounded(schema: Any) -> Any:
+    """A copy of a tool's arguments schema with every open object closed and every free
+    string given maxLength FORCED_STRING_MAX_CHARS (see above); what it states is kept."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded(out[key])
+    kinds = out.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if ("object" in kinds or "properties" in out) and "additionalProperties" not in out \
+            and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    if "string" in kinds and not any(k in out for k in _STRING_BOUNDS):
+        low = out.get("minLength")
+        out["maxLength"] = max(FORCED_STRING_MAX_CHARS, low if isinstance(low, int) else 0)
+    return out
+
+
 class Grammars:
     """Compiles grammars against one tokenizer (the llguidance tokenizer is built once, lazily:
     ~0.3 s for a 49k vocabulary)."""
@@ -114,6 +151,7 @@ class Grammars:
                 continue
             params = fn.get("parameters") or {"type": "object"}
             self.json_schema(params, f"tools[{i}].function.parameters")  # names what fails
+            params = bounded(params)
             options.append({
                 "type": "object",
                 "properties": {"name": {"const": name}, args_key: params},

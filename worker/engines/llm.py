@@ -26,6 +26,14 @@ from mlx_gw.worker.engines.constrained import (
     resolve_reasoning,
     resolve_tool_parser,
 )
+from mlx_gw.worker.engines.defaults import (
+    NEUTRAL,
+    Sampling,
+    completion_budget,
+    final_text,
+    model_sampling,
+    resolve_sampling,
+)
 from mlx_gw.worker.engines.sampling import sampler_for
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
@@ -75,9 +83,11 @@ class LLMEngine:
         *,
         context_length: int,
         max_batch: int,
+        sampling: Sampling = NEUTRAL,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.sampling = sampling  # the model's defaults for what a request leaves unset
         self._eos = set(tokenizer.eos_token_ids)
         self._vocab = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 0
         self._gen = BatchGenerator(
@@ -100,7 +110,12 @@ class LLMEngine:
     def from_load(cls, load: Load) -> LLMEngine:
         model, tokenizer, config = load_model(load)
         ctx = load.context_length or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH
-        return cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch)
+        sampling = model_sampling(load.path)
+        log.info("[worker:%s] sampling defaults from %s: temperature %s, top_p %s, top_k %s, "
+                 "min_p %s", load.name, sampling.source, sampling.temperature, sampling.top_p,
+                 sampling.top_k, sampling.min_p)
+        return cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
+                   sampling=sampling)
 
     # ------------------------------------------------------------------ admission
 
@@ -137,22 +152,13 @@ class LLMEngine:
         if req.count_only:
             self._answers.append(Delta(req.rid, prompt_tokens=n, finish_reason="stop"))
             return
-        ctx = self.context_length
-        max_tokens = req.max_tokens if req.max_tokens is not None else ctx - n
-        if n >= ctx or n + max_tokens > ctx:
-            raise AdmissionError(
-                "context_length_exceeded",
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{n + max(max_tokens, 0)} tokens ({n} in the prompt, {max_tokens} in the "
-                "completion). Please reduce the length of the prompt or the completion.",
-            )
-        if max_tokens <= 0:
-            raise AdmissionError("invalid_request", "max_tokens must be at least 1")
+        max_tokens = completion_budget(req, n, self.context_length)
+        sampling = resolve_sampling(req, self.sampling)
         sampler = sampler_for(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
             seed=req.seed,
             vocab=self._vocab,
         )
@@ -272,7 +278,7 @@ class LLMEngine:
                 seq.detok.add_token(r.token)
             if finish:
                 seq.detok.finalize()
-            text, hit = seq.stop.feed(seq.detok.last_segment)
+            text, hit = seq.stop.feed(final_text(seq.detok.last_segment, finish))
             if hit and not finish:
                 finish = "stop"
                 self._gen.remove([r.uid])

@@ -30,6 +30,14 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gw.worker.engines.base import AdmissionError
+from mlx_gw.worker.engines.defaults import (
+    NEUTRAL,
+    Sampling,
+    completion_budget,
+    final_text,
+    model_sampling,
+    resolve_sampling,
+)
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import Delta, Generate, Load
 
@@ -105,7 +113,7 @@ def row_sampling(temperature: float, top_k: int, top_p: float, min_p: float):
 
 class VLMEngine:
     def __init__(self, model: Any, processor: Any, *, context_length: int,
-                 max_batch: int) -> None:
+                 max_batch: int, sampling: Sampling = NEUTRAL) -> None:
         from mlx_vlm.generate.ar import BatchGenerator
         from mlx_vlm.utils import resolve_eos_token_ids
 
@@ -113,6 +121,7 @@ class VLMEngine:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.context_length = context_length
+        self.sampling = sampling  # the model's defaults for what a request leaves unset
         self._eos = set(resolve_eos_token_ids(getattr(model.config, "eos_token_id", None),
                                               self.tokenizer))
         self._eos.update(getattr(processor, "additional_eos_token_ids", ()))
@@ -137,7 +146,8 @@ class VLMEngine:
         text = getattr(model.config, "text_config", None)
         ctx = load.context_length or getattr(text, "max_position_embeddings", None) \
             or DEFAULT_CONTEXT_LENGTH
-        return cls(model, processor, context_length=int(ctx), max_batch=load.max_batch)
+        return cls(model, processor, context_length=int(ctx), max_batch=load.max_batch,
+                   sampling=model_sampling(load.path))
 
     # ------------------------------------------------------------------ admission
 
@@ -190,21 +200,14 @@ class VLMEngine:
         ids, vision = self._inputs(gen, self._images(gen))
         n = int(ids.shape[1])
         ctx = self.context_length
-        max_tokens = gen.max_tokens if gen.max_tokens is not None else ctx - n
-        if n >= ctx or n + max_tokens > ctx:
-            raise AdmissionError(
-                "context_length_exceeded",
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{n + max(max_tokens, 0)} tokens ({n} in the prompt, {max_tokens} in the "
-                "completion). Please reduce the length of the prompt or the completion.")
-        if max_tokens <= 0:
-            raise AdmissionError("invalid_request", "max_tokens must be at least 1")
+        max_tokens = completion_budget(gen, n, ctx)
         pixels, mask = vision.pop("pixel_values"), vision.pop("mask")
         embedded = self.model.get_input_embeddings(ids, pixels, mask=mask, **vision)
         kwargs = {**vision, **{k: v for k, v in embedded.to_dict().items() if v is not None}}
         if gen.seed is not None:
             mx.random.seed(gen.seed)
-        sampling = row_sampling(gen.temperature, gen.top_k, gen.top_p, gen.min_p)
+        sp = resolve_sampling(gen, self.sampling)
+        sampling = row_sampling(sp.temperature, sp.top_k, sp.top_p, sp.min_p)
         (uid,) = self._gen.insert([ids.squeeze(0).tolist()], max_tokens=max_tokens,
                                   prompt_kwargs=[kwargs], logits_processors=[[sampling]])
         from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
@@ -248,7 +251,7 @@ class VLMEngine:
                 seq.detok.add_token(token)
             if finish:
                 seq.detok.finalize()
-            text, hit = seq.stop.feed(seq.detok.last_segment)
+            text, hit = seq.stop.feed(final_text(seq.detok.last_segment, finish))
             if hit and not finish:
                 finish = "stop"
                 self._gen.remove(r.uid)
