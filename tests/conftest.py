@@ -7,8 +7,10 @@ process it ever had outlives it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +206,55 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+class LoadGate:
+    """A copy of a tiny model whose load stops half-way, in the worker, until the test lets it
+    go. Its generation_config.json, which mlx-lm's load opens after config.json and before
+    the weights (and which the gateway never reads), is a named pipe: a worker loading the
+    model blocks reading it. Real files, a real worker, a real load: only slower.
+
+    `wait_loading()` returns once a worker is blocked there (and keeps it blocked);
+    `release()` puts a plain file in the pipe's place, so that load and every later one go
+    through."""
+
+    def __init__(self, src: Path, dest: Path) -> None:
+        shutil.copytree(src, dest)
+        self.dir = dest
+        self._pipe = dest / "generation_config.json"
+        os.mkfifo(self._pipe)
+        self._fd: int | None = None
+
+    def wait_loading(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Block until a worker has opened the pipe: it is inside the load, before the
+        weights. The write end stays open with nothing written, so it stays blocked."""
+
+        def reader_there() -> bool:
+            try:  # a non-blocking open for writing fails (ENXIO) while nobody reads the pipe
+                self._fd = os.open(self._pipe, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                return False
+            return True
+
+        wait_for(reader_there, timeout, "a worker to start loading the model")
+
+    def release(self) -> None:
+        tmp = self.dir / "generation_config.json.tmp"
+        tmp.write_text("{}\n")
+        os.replace(tmp, self._pipe)
+        if self._fd is not None:  # a reader still on the old pipe reads EOF (mlx-lm: no config)
+            os.close(self._fd)
+            self._fd = None
+
+
+@pytest.fixture
+def load_gate(tiny_dir: Path, tmp_path: Path) -> Iterator[LoadGate]:
+    """tiny-0 behind a LoadGate, released at teardown whatever the test did."""
+    gate = LoadGate(tiny_dir / "tiny-0", tmp_path / "gated-tiny-0")
+    yield gate
+    gate.release()
 
 
 def dump(obj: Any) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -27,11 +29,23 @@ def test_litellm_completion_and_stream(gateway: GatewayProc) -> None:
     assert any(getattr(c, "usage", None) and c.usage.completion_tokens == 8 for c in chunks)
 
 
+def _expires_in_s(gw: GatewayProc, model: str) -> float:
+    """Seconds from now until the model's expiry, read from /api/ps."""
+    row = next(m for m in gw.ps() if m["name"] == model)
+    at = datetime.strptime(row["expires_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return at.timestamp() - time.time()
+
+
 def test_litellm_passes_keep_alive_through_extra_body(gateway: GatewayProc) -> None:
-    r = litellm.completion(model="openai/tiny-1", api_base=gateway.url + "/v1", api_key="x",
-                           messages=MESSAGES, max_tokens=2,
-                           extra_body={"keep_alive": "1m", "ignore_eos": True})
-    assert r.usage.completion_tokens == 2
+    """keep_alive sent through LiteLLM's extra_body sets the model's expiry: 1h, then 2m, each
+    far from the gateway default (5m), so a gateway that ignored it would show 5m both times."""
+    for keep_alive, seconds in (("1h", 3600), ("2m", 120)):
+        r = litellm.completion(model="openai/tiny-1", api_base=gateway.url + "/v1",
+                               api_key="x", messages=MESSAGES, max_tokens=2,
+                               extra_body={"keep_alive": keep_alive, "ignore_eos": True})
+        assert r.usage.completion_tokens == 2
+        left = _expires_in_s(gateway, "tiny-1")
+        assert seconds - 30 < left <= seconds + 1, (keep_alive, left)
 
 
 def test_litellm_maps_context_overflow(gateway: GatewayProc) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -176,15 +177,41 @@ def test_unknown_route_and_method_are_json(gateway: GatewayProc) -> None:
     assert r.status_code == 405 and r.json()["error"]["message"]
 
 
-def test_client_disconnect_frees_the_sequence(gateway: GatewayProc) -> None:
-    body = {"model": "tiny-1", "messages": CHAT, "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
-                      timeout=30) as r:
+# Far more tokens than any machine decodes during the test (the tiny model runs at ~100-1000
+# tokens/s): a sequence asking for them with ignore_eos holds the worker's batch for hours
+# unless something takes it out.
+ENDLESS_TOKENS = 1_000_000
+
+
+def test_client_disconnect_frees_the_sequence(start_gateway, tiny_dir: Path) -> None:
+    """A client that hangs up mid-stream takes its sequence out of the worker's batch: the
+    gateway sends Cancel. Nothing else can end this sequence early (ignore_eos, a million
+    tokens), so the worker's own in-flight count falling to 0 is the Cancel at work."""
+    gw = start_gateway({"models": {"long": {
+        "type": "llm", "path": str(tiny_dir / "tiny-long"),
+        "context_length": ENDLESS_TOKENS + 1024}}})
+    body = {"model": "long", "messages": CHAT, "max_tokens": ENDLESS_TOKENS,
+            "ignore_eos": True, "stream": True}
+
+    def row() -> dict:
+        return next(m for m in gw.ps() if m["name"] == "long")
+
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]
-        assert any(line.startswith("data: ") for line in got)
-        busy = [m for m in gateway.ps() if m["name"] == "tiny-1"][0]
-        assert busy["in_flight"] == 1
-    # The connection is closed mid-stream: the gateway cancels, the worker drops the sequence.
-    wait_for(lambda: all(m["in_flight"] == 0 and m["worker_in_flight"] == 0
-                         for m in gateway.ps()), timeout=10, what="in-flight back to 0")
+        data = 0
+        while data < 3:  # a few generated deltas (after the ": loading model" comments)
+            data += next(lines).startswith("data: ")
+        assert row()["in_flight"] == 1
+        # The worker's heartbeat (once a second) reports the sequence in its batch.
+        wait_for(lambda: row()["worker_in_flight"] == 1, timeout=10,
+                 what="the worker to report the sequence in its batch")
+    # The connection is closed mid-stream: the gateway cancels, the worker drops the sequence,
+    # hours before max_tokens would have ended it.
+    wait_for(lambda: row()["in_flight"] == 0 and row()["worker_in_flight"] == 0, timeout=10,
+             what="the worker's in-flight count back to 0 after the client hung up")
+    assert row()["state"] == "ready"  # the worker is still up and serving
+    done = httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "long", "messages": CHAT, "max_tokens": 3,
+                            "ignore_eos": True})
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3

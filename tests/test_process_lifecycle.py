@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import assert_gone, tiny_config, wait_for
+from tests.conftest import LoadGate, assert_gone, tiny_config, wait_for
 
 CHAT = [{"role": "user", "content": "hello"}]
 
@@ -95,15 +96,27 @@ def _post_or_none(url: str) -> httpx.Response | None:
     return r if r.status_code == 503 else None
 
 
-def test_worker_exits_when_parent_dies_during_load(start_gateway, tiny_dir: Path) -> None:
-    """A worker whose parent vanishes exits by itself, even before a model is loaded."""
-    gw = start_gateway(tiny_config(tiny_dir, n=1))
-    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
-    c.chat.completions.create(model="tiny-0", messages=CHAT, max_tokens=1)
-    worker = next(w for w in gw.workers() if "worker" in " ".join(w.cmdline()))
+def test_worker_exits_when_parent_dies_during_load(start_gateway, load_gate: LoadGate) -> None:
+    """A worker whose parent vanishes exits by itself, even in the middle of a load: here it
+    is blocked inside the load, reading the model's files, when the gateway is SIGKILLed."""
+    gw = start_gateway({"gateway": {"warm_spare": False},
+                        "models": {"tiny-0": {"type": "llm", "path": str(load_gate.dir)}}})
+
+    def first_request() -> None:  # answered by no one: the gateway dies under it
+        with contextlib.suppress(httpx.TransportError):
+            httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny-0", "messages": CHAT, "max_tokens": 1})
+
+    t = threading.Thread(target=first_request)
+    t.start()
+    load_gate.wait_loading()
+    assert [m["state"] for m in gw.ps()] == ["starting"]
+    [worker] = gw.workers()  # no warm spare: the one process is the one loading
     assert worker.ppid() == gw.pid
     gw.proc.kill()
     gw.proc.wait(10)
+    t.join(10)
+    assert not t.is_alive()
     with pytest.raises(psutil.NoSuchProcess):
         worker.wait(2.0)
         worker.status()

@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import GatewayProc, wait_for
+from tests.conftest import GatewayProc, LoadGate, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -174,6 +174,39 @@ def test_non_stream_request_gets_502_when_its_worker_dies(start_gateway, tiny_di
         psutil.Process(pid).kill()
         r = fut.result()
     assert r.status_code == 502 and r.json()["error"]["code"] == "worker_died"
+
+
+def test_worker_sigkill_during_load_fails_the_request_and_the_next_loads(
+        start_gateway, load_gate: LoadGate) -> None:
+    """A worker killed while it loads (after Load, before Ready) fails the request waiting on
+    the load at once with a 503, not at load_timeout; the next request loads the model again
+    in a new process."""
+    gw = start_gateway({"gateway": {"warm_spare": False},
+                        "models": {"m0": {"type": "llm", "path": str(load_gate.dir)}}})
+    body = {"model": "m0", "messages": MSG, "max_tokens": 2, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(httpx.post, gw.url + "/v1/chat/completions", json=body, timeout=60)
+        load_gate.wait_loading()
+        assert loaded(gw)["m0"]["state"] == "starting"
+        [worker] = gw.workers()  # no warm spare: the one process is the one loading
+        worker.kill()
+        r = fut.result(timeout=30)
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_load_failed" and "SIGKILL" in err["message"]
+    assert [e["type"] for e in events(gw)] == ["load", "load_failed"]
+    assert "m0" not in loaded(gw)
+
+    load_gate.release()
+    # Within the back-off after the failure a request gets a 503 at once; the first one after
+    # it loads the model again.
+    again = wait_for(lambda: httpx.post(gw.url + "/v1/chat/completions", json=body,
+                                        timeout=60).status_code == 200,
+                     timeout=60, what="a request that loads the model again")
+    assert again
+    assert [e["type"] for e in events(gw)] == ["load", "load_failed", "load", "ready"]
+    row = loaded(gw)["m0"]
+    assert row["state"] == "ready" and row["pid"] != worker.pid
 
 
 def test_six_concurrent_first_requests_cause_one_load(start_gateway, tiny_dir) -> None:

@@ -22,9 +22,9 @@ Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("mlx_vlm")
 
 
-def png(width: int = 64, height: int = 48) -> bytes:
+def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -91,10 +91,18 @@ def test_chat_with_an_image_streamed_and_not(gw: GatewayProc) -> None:
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 6
-    # the image counts: the same question without it is a shorter prompt
+    # The image counts: the same question without it is a shorter prompt...
     plain = c.chat.completions.create(model="llava", max_tokens=2, messages=[
         {"role": "user", "content": "What is in this picture?"}])
     assert plain.usage.prompt_tokens < full.usage.prompt_tokens
+    # ...and its pixels reach the model: another picture of the same size is as long a prompt
+    # and gets another greedy answer (a worker that counted image tokens but fed the model no
+    # pixels, or the same pixels every time, would answer the same).
+    other = c.chat.completions.create(model="llava", messages=ask(data_url(png(color=(20, 40,
+                                      220)))), max_tokens=6, temperature=0)
+    assert other.usage.prompt_tokens == full.usage.prompt_tokens
+    assert other.choices[0].message.content != full.choices[0].message.content, \
+        "two different images got the same greedy answer"
 
 
 def test_remote_image_url_is_fetched(gw: GatewayProc, images: str) -> None:
