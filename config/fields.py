@@ -190,6 +190,25 @@ def check_sampling(value: object, key: str) -> Any:
     return SamplingConfig(**values)
 
 
+def check_prompt_cache(value: object, key: str) -> Any:
+    """A model's `prompt_cache:` mapping: {max_bytes: SIZE} (0 turns the cache off)."""
+    from mlx_gw.config.schema import PromptCacheConfig
+
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a mapping, got {describe(value)}", key=key,
+                          fix="write e.g. `prompt_cache: {max_bytes: 1GB}`")
+    for name in value:
+        if name != "max_bytes":
+            raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
+                              fix="Valid keys here: max_bytes")
+    raw = value.get("max_bytes")
+    if raw is None:
+        return PromptCacheConfig()
+    if raw == 0:
+        return PromptCacheConfig(max_bytes=0)
+    return PromptCacheConfig(max_bytes=check_size(raw, f"{key}.max_bytes"))
+
+
 def optional(check: Check) -> Check:
     return lambda value, key: None if value is None else check(value, key)
 

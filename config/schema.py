@@ -98,6 +98,13 @@ class SamplingConfig:
     min_p: float | None = None
 
 
+@dataclass(frozen=True)
+class PromptCacheConfig:
+    """A model's `prompt_cache:` settings: the KV cache kept across requests."""
+
+    max_bytes: int | None = None  # None: half the weights, 256 MiB..4 GiB, <= ceiling/8; 0: off
+
+
 def total_memory_bytes() -> int:
     """Physical memory of this machine, in bytes."""
     try:
@@ -157,9 +164,12 @@ class ModelConfig:
     reasoning_parser: str | tuple[str, str] = "auto"
     max_tokens: int | None = None  # None = gateway.default_max_tokens
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
+    warm_prompts: tuple[str, ...] = ()  # system prompts prefilled into the cache at load
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "warm_prompts", tuple(self.warm_prompts))
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,9 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "llama3_json | mistral | mlx_lm:NAME",
     "reasoning_parser": 'thinking markers: auto | none | think | ["<start>", "<end>"]',
     "max_tokens": "overrides gateway.default_max_tokens for this model",
+    "prompt_cache": "KV reuse across requests: {max_bytes: SIZE}; default half the weights "
+                    "(256MB..4GB, at most 1/8 of memory_limit); 0 turns it off",
+    "warm_prompts": "system prompts (an agent's) prefilled into the prompt cache at load",
     "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
     "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }

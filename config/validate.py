@@ -27,6 +27,7 @@ from mlx_gw.config.fields import (
     check_int,
     check_memory_limit,
     check_names,
+    check_prompt_cache,
     check_reasoning_parser,
     check_sampling,
     check_size,
@@ -228,6 +229,8 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "reasoning_parser": check_reasoning_parser,
     "max_tokens": optional(partial(check_int, low=1)),
     "sampling": check_sampling,
+    "prompt_cache": check_prompt_cache,
+    "warm_prompts": partial(check_names, check=False),
 }
 
 

@@ -654,3 +654,26 @@ def test_bad_request_defaults_name_the_key(tmp_path: Path, body: str, key: str,
                                            needle: str) -> None:
     error = load_error(tmp_path, model_yaml(body + "\n"))
     assert error.key == key and needle in str(error), str(error)
+
+
+def test_prompt_cache_and_warm_prompts_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, model_yaml(
+        "prompt_cache: {max_bytes: 1GB}\nwarm_prompts: [\"You are an agent.\"]\n")
+        + "  m2:\n    type: llm\n    path: org/other\n    prompt_cache: {max_bytes: 0}\n")
+    config = load_config(path, env={"HOME": str(tmp_path)})
+    m1, m2 = config.models["m1"], config.models["m2"]
+    assert m1.prompt_cache.max_bytes == 10**9 and m1.warm_prompts == ("You are an agent.",)
+    assert m2.prompt_cache.max_bytes == 0 and m2.warm_prompts == ()
+    assert parse_config({"models": {}}).gateway is not None
+
+
+@pytest.mark.parametrize(("body", "key", "needle"), [
+    ("prompt_cache: {max_byte: 1GB}", "models.m1.prompt_cache.max_byte", "max_bytes"),
+    ("prompt_cache: {max_bytes: lots}", "models.m1.prompt_cache.max_bytes", ""),
+    ("prompt_cache: 1GB", "models.m1.prompt_cache", "prompt_cache: {max_bytes"),
+    ("warm_prompts: [1]", "models.m1.warm_prompts", "quote"),
+])
+def test_bad_prompt_cache_keys_name_the_key(tmp_path: Path, body: str, key: str,
+                                            needle: str) -> None:
+    error = load_error(tmp_path, model_yaml(body + "\n"))
+    assert error.key == key and needle in str(error), str(error)

@@ -100,6 +100,16 @@ _EXTRAS = {
 }
 
 
+def _cache_figures(engine: Engine) -> dict[str, int]:
+    """The prompt cache's Heartbeat fields (engines without one report zeros)."""
+    cache = getattr(engine, "prompt_cache", None)
+    if cache is None:
+        return {}
+    return {"prompt_cache_bytes": cache.nbytes, "prompt_cache_entries": cache.entries,
+            "prompt_cache_hit_tokens": cache.hit_tokens,
+            "prompt_cache_miss_tokens": cache.miss_tokens}
+
+
 def _make_engine(load: p.Load) -> Engine:
     if load.type not in _ENGINES:
         raise ValueError(f"model type {load.type!r} is not supported by this worker")
@@ -195,6 +205,10 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
                 send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
         elif isinstance(msg, p.Cancel):
             engine.cancel(msg.rid)
+        elif isinstance(msg, p.TrimCache):
+            cache = getattr(engine, "prompt_cache", None)
+            if cache is not None:
+                cache.shrink(msg.max_bytes)
         elif isinstance(msg, p.Shutdown):
             engine.close()
             return False
@@ -243,6 +257,7 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                     in_flight=engine.in_flight,
                     prompt_tokens_total=engine.prompt_tokens_total,
                     generation_tokens_total=engine.generation_tokens_total,
+                    **_cache_figures(engine),
                 )
             )
             next_hb = now + HEARTBEAT_INTERVAL_S

@@ -30,6 +30,8 @@ class Load(_Msg, tag="load"):
     max_batch: int = 16
     context_length: int | None = None  # override of the model's own window
     memory_limit_bytes: int | None = None  # this worker's share of the ceiling (MLX limit)
+    prompt_cache_bytes: int | None = None  # KV kept across requests; None: default, 0: off
+    warm_prompts: list[str] = []  # system prompts prefilled into the prompt cache at load
 
 
 class Generate(_Msg, tag="gen"):
@@ -76,6 +78,13 @@ class Cancel(_Msg, tag="cancel"):
     rid: int
 
 
+class TrimCache(_Msg, tag="trim"):
+    """Memory pressure: drop prompt-cache entries (least recently used first) until at most
+    `max_bytes` remain. Answered by the next Heartbeat's figures."""
+
+    max_bytes: int
+
+
 class Shutdown(_Msg, tag="shutdown"):
     """Exit now. The gateway drains before it sends this."""
 
@@ -114,7 +123,7 @@ class Speak(_Msg, tag="tts"):
     speed: float = 1.0
 
 
-ToWorker = Load | Generate | Cancel | Shutdown | Embed | Transcribe | Speak
+ToWorker = Load | Generate | Cancel | TrimCache | Shutdown | Embed | Transcribe | Speak
 # Messages that start a request (each carries a fresh `rid`).
 REQUESTS = (Generate, Embed, Transcribe, Speak)
 
@@ -162,6 +171,7 @@ class Delta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     tool_parser: str = ""
     reasoning: list[str] = []
     thinking: bool = False
+    cached_tokens: int = 0  # first delta: prompt tokens served from the prompt cache
 
 
 class Outputs(_Msg, tag="out"):
@@ -182,6 +192,10 @@ class Heartbeat(_Msg, tag="hb"):
     queued: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prompt_cache_bytes: int = 0  # KV held for later requests (counted in memory_bytes too)
+    prompt_cache_entries: int = 0
+    prompt_cache_hit_tokens: int = 0  # since load: prompt tokens served from the cache
+    prompt_cache_miss_tokens: int = 0  # since load: prompt tokens prefilled
 
 
 class Pulse(_Msg, tag="pulse"):

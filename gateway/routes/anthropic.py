@@ -106,7 +106,11 @@ class _Stream(EventStream):
         last = self.parser.last
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": content, "stop_reason": stop[0], "stop_sequence": stop[1],
-                "usage": {"input_tokens": last.prompt_tokens if last else 0,
+                # Anthropic counts input apart from what was read from the cache.
+                "usage": {"input_tokens": (last.prompt_tokens if last else 0)
+                          - self.parser.cached_tokens,
+                          "cache_read_input_tokens": self.parser.cached_tokens,
+                          "cache_creation_input_tokens": 0,
                           "output_tokens": last.completion_tokens if last else 0}}
 
     # ------------------------------------------------------------------ whole message
@@ -166,7 +170,9 @@ class _Stream(EventStream):
         if not self._sent_start:
             self._sent_start = True
             msg = self._message([], (None, None))
-            msg["usage"] = {"input_tokens": d.prompt_tokens, "output_tokens": 1}
+            msg["usage"] = {"input_tokens": d.prompt_tokens - d.cached_tokens, "output_tokens": 1,
+                            "cache_read_input_tokens": d.cached_tokens,
+                            "cache_creation_input_tokens": 0}
             out.append(self._event("message_start", {"type": "message_start",
                                                      "message": msg}))
         for kind, value in self.parser.feed(d):

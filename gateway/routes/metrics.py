@@ -68,6 +68,10 @@ class Metrics:
                              "to its last byte", ["model"], buckets=E2E_BUCKETS_S, registry=r)
         self.tokens = Counter("mlxgw_tokens", "Tokens by direction: in (prompt) and out "
                               "(generated)", ["model", "direction"], registry=r)
+        self.cache_tokens = Counter("mlxgw_prompt_cache_tokens", "Prompt tokens of finished "
+                                    "generations by kind: hit (served from the worker's "
+                                    "prompt cache) or miss (prefilled)", ["model", "kind"],
+                                    registry=r)
         self.loads = Counter("mlxgw_loads", "Completed model loads", ["model"], registry=r)
         self.load_failures = Counter("mlxgw_load_failures", "Failed model loads", ["model"],
                                      registry=r)
@@ -123,7 +127,7 @@ class Metrics:
 class _Children:
     """One model's label children, resolved once (label lookups are the costly part)."""
 
-    __slots__ = ("ttft", "itl", "e2e", "tokens_in", "tokens_out")
+    __slots__ = ("ttft", "itl", "e2e", "tokens_in", "tokens_out", "cache_hit", "cache_miss")
 
     def __init__(self, m: Metrics, model: str) -> None:
         self.ttft = m.ttft.labels(model)
@@ -131,6 +135,8 @@ class _Children:
         self.e2e = m.e2e.labels(model)
         self.tokens_in = m.tokens.labels(model, "in")
         self.tokens_out = m.tokens.labels(model, "out")
+        self.cache_hit = m.cache_tokens.labels(model, "hit")
+        self.cache_miss = m.cache_tokens.labels(model, "miss")
 
 
 class RequestTimer:
@@ -138,7 +144,7 @@ class RequestTimer:
     `delta` as the worker stream's observer, and calls `failed` when a stream breaks after
     its headers went out; the middleware records the rest when the response ends."""
 
-    __slots__ = ("_m", "model", "t0", "_t_last", "_out", "_in", "status")
+    __slots__ = ("_m", "model", "t0", "_t_last", "_out", "_in", "_cached", "status")
 
     def __init__(self, m: Metrics) -> None:
         self._m = m
@@ -147,11 +153,14 @@ class RequestTimer:
         self._t_last = 0.0
         self._out = 0
         self._in = 0
+        self._cached = 0
         self.status: int | None = None
 
     def delta(self, d: Delta) -> None:
         if d.prompt_tokens:
             self._in = d.prompt_tokens
+        if d.cached_tokens:
+            self._cached = d.cached_tokens
         n = d.completion_tokens - self._out
         if n <= 0:
             return
@@ -184,6 +193,9 @@ class RequestTimer:
             c.tokens_in.inc(self._in)
         if self._out:
             c.tokens_out.inc(self._out)
+            if self._in:  # a generation (not a count): its prefill hit or missed the cache
+                c.cache_hit.inc(self._cached)
+                c.cache_miss.inc(self._in - self._cached)
 
 
 _current: contextvars.ContextVar[RequestTimer | None] = contextvars.ContextVar(
@@ -258,6 +270,8 @@ class _StateCollector(Collector):
                                    "batch, as its last heartbeat reported", labels=["model"])
         state = GaugeMetricFamily("mlxgw_model_state", "1 for the model's current state",
                                   labels=["model", "state"])
+        cache = GaugeMetricFamily("mlxgw_prompt_cache_bytes", "KV each model's worker keeps "
+                                  "across requests, by tier", labels=["model", "tier"])
         pinned = GaugeMetricFamily("mlxgw_model_pinned", "1 when the model is pinned (never "
                                    "evicted or expired)", labels=["model"])
         for s in sup.statuses():
@@ -270,7 +284,9 @@ class _StateCollector(Collector):
             for st in State:
                 state.add_metric([name, st.value], 1 if st is s.state else 0)
             pinned.add_metric([name], 1 if s.pinned else 0)
-        yield from (mem, queue, running, worker, state, pinned)
+            if s.resident:
+                cache.add_metric([name, "memory"], s.prompt_cache_bytes)
+        yield from (mem, queue, running, worker, state, pinned, cache)
         yield GaugeMetricFamily("mlxgw_memory_limit_bytes", "The memory ceiling for all "
                                 "workers together (gateway.memory_limit)", value=sup.ceiling)
         yield GaugeMetricFamily("mlxgw_resident_memory_bytes", "Memory counted against the "

@@ -122,6 +122,18 @@ class Ceiling:
         over = self.resident_bytes() - self.limit
         if over <= 0:
             return
+        # Prompt caches go first, least recently used model first: a smaller cache costs a
+        # few re-prefills, an eviction a whole reload. The freed bytes count at once (the
+        # workers' next heartbeats confirm them), so nothing is evicted for the same bytes.
+        for h in sorted((h for h in self._handles.values() if h.state is State.READY),
+                        key=lambda h: h.last_used):
+            if over <= 0:
+                return
+            held = h.cache.prompt_cache_bytes
+            if held:
+                over -= h.trim_cache(max(0, held - over))
+        if over <= 0:
+            return
         idle = sorted((h for h in self._handles.values() if h.state is State.READY
                        and h.active == 0 and not h.pinned), key=lambda h: h.last_used)
         for h in idle:

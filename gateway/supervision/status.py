@@ -41,6 +41,8 @@ class ModelStatus:
     loaded_at: float | None = None  # wall clock
     error: str | None = None
     blas: str | None = None  # the BLAS the worker computes with (CPU workers), from Ready
+    prompt_cache_bytes: int = 0  # KV the worker keeps across requests (within memory_bytes)
+    prompt_cache_entries: int = 0
 
     @property
     def resident(self) -> bool:
@@ -65,6 +67,8 @@ class ModelStatus:
             "loaded_at": iso(self.loaded_at),
             "pinned": self.pinned,
             "blas": self.blas,
+            "prompt_cache_bytes": self.prompt_cache_bytes,
+            "prompt_cache_entries": self.prompt_cache_entries,
             "error": self.error,
         }
 

@@ -14,17 +14,23 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+import msgspec
 
 from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.errors import GatewayError, LoadFailed, TimedOut, WorkerDied, from_worker
 from mlx_gw.gateway.supervision import blas
 from mlx_gw.gateway.supervision.leases import Leases
 from mlx_gw.gateway.supervision.status import ModelStatus, State
-from mlx_gw.gateway.supervision.worker_process import WorkerGone, WorkerProcess
+from mlx_gw.gateway.supervision.worker_process import (
+    LoadRefused,
+    WorkerGone,
+    WorkerProcess,
+    signal_name,
+)
 from mlx_gw.worker import protocol as p
 
 log = logging.getLogger("mlxgw.supervisor")
@@ -83,6 +89,7 @@ class WorkerHandle:
         self.memory_bytes = 0
         self.blas: str | None = None
         self.worker_in_flight = 0
+        self.cache = p.Heartbeat(memory_bytes=0, in_flight=0)  # last prompt-cache figures
         self.context_length = 0
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
@@ -151,9 +158,11 @@ class WorkerHandle:
                     dtype=self.model.dtype, max_batch=self.model.max_batch,
                     context_length=self.model.context_length,
                     memory_limit_bytes=self._memory_limit_bytes,
+                    prompt_cache_bytes=self.model.prompt_cache.max_bytes,
+                    warm_prompts=list(self.model.warm_prompts),
                 ))
-                ready = await self._await_ready(wp)
-        except (WorkerGone, TimeoutError, _LoadError) as e:
+                ready = await wp.await_ready()
+        except (WorkerGone, TimeoutError, LoadRefused) as e:
             why = (f"loading took longer than load_timeout ({self._load_timeout_s:.0f}s)"
                    if isinstance(e, TimeoutError) else str(e))
             tail = "\n".join(list(wp.stderr_tail)[-8:]) if wp else ""
@@ -165,7 +174,7 @@ class WorkerHandle:
             delay = min(LOAD_RETRY_MAX_S, LOAD_RETRY_BASE_S * 2 ** (self._failures - 1))
             self._retry_at = time.monotonic() + delay
             self.error = f"model '{name}' failed to load: {why}"
-            if tail and not isinstance(e, _LoadError):
+            if tail and not isinstance(e, LoadRefused):
                 self.error += f"\nworker stderr:\n{tail}"
             self.state = State.FAILED
             self._emit("load_failed", error=self.error)
@@ -188,24 +197,6 @@ class WorkerHandle:
         self._emit("ready", duration_s=round(time.monotonic() - t0, 3), pid=wp.pid,
                    memory_bytes=ready.memory_bytes, device=ready.device, blas=self.blas)
 
-    async def _await_ready(self, wp: WorkerProcess) -> p.Ready:
-        exited = asyncio.ensure_future(wp.proc.wait())
-        try:
-            while True:
-                recv = asyncio.ensure_future(wp.recv())
-                done, _ = await asyncio.wait({recv, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    await wp.wait_exit()
-                    raise WorkerGone(f"worker process {wp.exit_description()} while loading")
-                msg = recv.result()
-                if isinstance(msg, p.Ready):
-                    return msg
-                if isinstance(msg, p.Error):
-                    raise _LoadError(msg.message)
-        finally:
-            exited.cancel()
-
     async def _read(self, wp: WorkerProcess) -> None:
         while True:
             try:
@@ -223,6 +214,7 @@ class WorkerHandle:
             elif isinstance(msg, p.Heartbeat):
                 self.memory_bytes = msg.memory_bytes
                 self.worker_in_flight = msg.in_flight
+                self.cache = msg
             elif isinstance(msg, _ROUTED):
                 q = self._pending.get(msg.rid)
                 if q is not None:
@@ -238,6 +230,7 @@ class WorkerHandle:
         self._wp = None
         self.memory_bytes = 0
         self.worker_in_flight = 0
+        self.cache = p.Heartbeat(memory_bytes=0, in_flight=0)
         if self._stopping:
             self.state = State.STOPPED
         else:
@@ -248,7 +241,7 @@ class WorkerHandle:
             rc = wp.returncode
             self._emit("crash", pid=wp.pid, exit=wp.exit_description(), returncode=rc,
                        exit_code=rc if rc is not None and rc >= 0 else None,
-                       signal=_signal_name(-rc) if rc is not None and rc < 0 else None)
+                       signal=signal_name(-rc) if rc is not None and rc < 0 else None)
 
     def begin_stop(self, kind: str, **details: Any) -> asyncio.Task[None] | None:
         """Start stopping the worker (staged: Shutdown, SIGTERM, SIGKILL) and return the task.
@@ -390,20 +383,24 @@ class WorkerHandle:
             memory_bytes=self.memory_bytes if resident else 0, expires_at=self.expires_at,
             in_flight=self.leases.in_batch, queued=self.leases.queued,
             worker_in_flight=self.worker_in_flight, context_length=self.context_length,
-            loaded_at=self.loaded_at, error=self.error, blas=self.blas if resident else None)
+            loaded_at=self.loaded_at, error=self.error, blas=self.blas if resident else None,
+            prompt_cache_bytes=self.cache.prompt_cache_bytes if resident else 0,
+            prompt_cache_entries=self.cache.prompt_cache_entries if resident else 0)
 
-
-class _LoadError(Exception):
-    pass
+    def trim_cache(self, max_bytes: int) -> int:
+        """Ask the worker to shrink its prompt cache to `max_bytes`; returns the bytes that
+        frees by its last report (0 when it holds no cache or is not running)."""
+        freed = max(0, self.cache.prompt_cache_bytes - max_bytes)
+        if freed and self._wp is not None and self.state is State.READY:
+            try:
+                self._wp.send(p.TrimCache(max_bytes=max_bytes))
+            except WorkerGone:
+                return 0
+            self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=max_bytes)
+            return freed
+        return 0
 
 
 _Request = p.Embed | p.Transcribe | p.Speak
 _Result = p.Embeddings | p.Transcription | p.AudioChunk
 _ROUTED = (p.Error, *p.RESULTS)  # worker messages delivered to one request's queue by rid
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)

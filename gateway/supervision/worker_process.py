@@ -32,6 +32,18 @@ class WorkerGone(Exception):
     """The process exited (or its socket is unusable) while we talked to it."""
 
 
+class LoadRefused(Exception):
+    """The worker answered its Load with an Error (bad files, a missing package): the
+    message says why."""
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
 class WorkerProcess:
     def __init__(self, proc: asyncio.subprocess.Process, push: zmq.Socket, pull, paths: list[Path],
                  label: str) -> None:
@@ -104,6 +116,26 @@ class WorkerProcess:
     async def recv(self) -> p.FromWorker:
         """The next message from the worker. Cancel it to stop waiting (nothing is lost)."""
         return p.decode_from_worker(await self._pull.recv())
+
+    async def await_ready(self) -> p.Ready:
+        """The worker's Ready for the Load sent to it. Raises LoadRefused when it answers an
+        Error, WorkerGone when it exits first (the caller bounds the wait)."""
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            while True:
+                recv = asyncio.ensure_future(self.recv())
+                done, _ = await asyncio.wait({recv, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    await self.wait_exit()
+                    raise WorkerGone(f"worker process {self.exit_description()} while loading")
+                msg = recv.result()
+                if isinstance(msg, p.Ready):
+                    return msg
+                if isinstance(msg, p.Error):
+                    raise LoadRefused(msg.message)
+        finally:
+            exited.cancel()
 
     async def wait_hello(self, timeout_s: float) -> p.Hello:
         """Blocks until the process says Hello (MLX imported), it exits, or the timeout passes."""

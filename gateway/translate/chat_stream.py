@@ -85,10 +85,12 @@ class ChoiceParser:
         self.calls: list[ToolCall] = []
         self.logprobs: list[TokenLogprob] = []
         self.last: Delta | None = None
+        self.cached_tokens = 0  # prompt tokens the worker took from its prompt cache
 
     def feed(self, d: Delta) -> list[Event]:
         if not self._started:
             self._started = True
+            self.cached_tokens = d.cached_tokens
             if self.chat and len(d.reasoning) == 2:
                 self._split = ReasoningSplitter(*d.reasoning, thinking=d.thinking)
             if self.chat and d.tool_parser and self.tools:

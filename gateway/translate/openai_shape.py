@@ -41,12 +41,14 @@ class Shaper:
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         lasts = [p.last for p in self.parsers if p.last is not None]
         prompt = max((d.prompt_tokens for d in lasts), default=0)
         completion = sum(d.completion_tokens for d in lasts)
+        cached = max((p.cached_tokens for p in self.parsers), default=0)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _feed(self, i: int, d: Delta) -> list[tuple[str, Any]]:
         events = self.parsers[i].feed(d)

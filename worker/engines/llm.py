@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
@@ -34,6 +35,7 @@ from mlx_gw.worker.engines.defaults import (
     model_sampling,
     resolve_sampling,
 )
+from mlx_gw.worker.engines.prompt_cache import PromptCache, default_max_bytes
 from mlx_gw.worker.engines.sampling import sampler_for
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
@@ -59,6 +61,7 @@ class _Seq:
     grammar: GrammarProcessor | None = None
     top_logprobs: int = -1  # -1: no logprobs asked
     first: Delta | None = None  # the parse facts its first delta carries
+    cached_tokens: int = 0  # prompt tokens its prefill took from the prompt cache
 
 
 def load_model(load: Load) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
@@ -84,6 +87,7 @@ class LLMEngine:
         context_length: int,
         max_batch: int,
         sampling: Sampling = NEUTRAL,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -103,6 +107,7 @@ class LLMEngine:
         self._grammars = Grammars(self._hf, sorted(self._eos))
         self._formats: dict[str, tuple[str, list[str]]] = {}
         self._answers: list[Delta] = []  # ready without a decode step (count_only)
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -114,8 +119,27 @@ class LLMEngine:
         log.info("[worker:%s] sampling defaults from %s: temperature %s, top_p %s, top_k %s, "
                  "min_p %s", load.name, sampling.source, sampling.temperature, sampling.top_p,
                  sampling.top_k, sampling.min_p)
-        return cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
-                   sampling=sampling)
+        budget = load.prompt_cache_bytes
+        if budget is None:
+            weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+            budget = default_max_bytes(weights, load.memory_limit_bytes)
+        engine = cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
+                     sampling=sampling, prompt_cache_bytes=budget)
+        engine.warm(load.warm_prompts)
+        log.info("[worker:%s] prompt cache: %.0f MiB, %d entries after %d warm prompts",
+                 load.name, budget / 2**20, engine.prompt_cache.entries, len(load.warm_prompts))
+        return engine
+
+    def warm(self, system_prompts: list[str]) -> None:
+        """Prefill each system prompt (as the chat template renders it alone) into the prompt
+        cache, so the first request of an agent that starts with it skips that prefill."""
+        for i, text in enumerate(system_prompts):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": text}], add_generation_prompt=False,
+                tokenize=True)
+            self.submit(Generate(rid=-1 - i, prompt=list(ids), max_tokens=1, temperature=0.0))
+            while self.busy:
+                self.step()
 
     # ------------------------------------------------------------------ admission
 
@@ -169,13 +193,15 @@ class LLMEngine:
             processors.append(grammar)
         # A grammar ends its sequence itself, so ignore_eos never runs it past the grammar.
         stops = [_NO_STOP] if req.ignore_eos and grammar is None else None
+        cache, cached = self.prompt_cache.lookup(ids)
         (uid,) = self._gen.insert(
-            [ids], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
-            logits_processors=[processors],
+            [ids[cached:]], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
+            logits_processors=[processors], caches=[cache], all_tokens=[ids[:cached]],
         )
+        first.cached_tokens = cached
         seq = _Seq(req.rid, uid, self.tokenizer.detokenizer, StopText(req.stop), n,
                    grammar=grammar, top_logprobs=req.top_logprobs if req.logprobs else -1,
-                   first=first)
+                   first=first, cached_tokens=cached)
         self._by_uid[uid] = seq
         self._by_rid[req.rid] = seq
         self.prompt_tokens_total += n
@@ -273,7 +299,9 @@ class LLMEngine:
                 lps = [self._logprobs(r.token, r.logprobs, seq.top_logprobs)]
             if seq.grammar is not None and seq.grammar.done and not finish:
                 finish = "stop"  # the grammar is complete: nothing may follow
-                self._gen.remove([r.uid])
+                self._keep(self._gen.remove([r.uid], return_prompt_caches=True))
+            elif finish:
+                self.prompt_cache.store(r.all_tokens, r.prompt_cache)
             if not (finish == "stop" and r.token in self._eos):
                 seq.detok.add_token(r.token)
             if finish:
@@ -281,7 +309,7 @@ class LLMEngine:
             text, hit = seq.stop.feed(final_text(seq.detok.last_segment, finish))
             if hit and not finish:
                 finish = "stop"
-                self._gen.remove([r.uid])
+                self._keep(self._gen.remove([r.uid], return_prompt_caches=True))
             elif finish and not hit:
                 text += seq.stop.flush()
             if finish:
@@ -293,11 +321,18 @@ class LLMEngine:
                     d.tool_parser = seq.first.tool_parser
                     d.reasoning = seq.first.reasoning
                     d.thinking = seq.first.thinking
+                    d.cached_tokens = seq.first.cached_tokens
                     seq.first = None
                 if hit:
                     d.stop_sequence = seq.stop.matched
                 out.append(d)
         return out
+
+    def _keep(self, removed: dict[int, Any]) -> None:
+        """Store the caches of sequences removed before their natural end (a stop string, a
+        completed grammar): the next turn of the conversation starts with those tokens."""
+        for cache, tokens in removed.values():
+            self.prompt_cache.store(tokens, cache)
 
     def abort_all(self) -> list[int]:
         """Drop every sequence (after an engine failure); returns their request ids."""
