@@ -166,7 +166,7 @@ def test_previous_response_id_chains_turns(gw: GatewayProc) -> None:
     assert second.previous_response_id == first.id
     explicit = c.responses.create(model="tools", max_output_tokens=2, input=[
         {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": first.output_text},
+        first.output[0].model_dump(exclude_none=True),  # as the Agents SDK replays it
         {"role": "user", "content": "And tomorrow?"}])
     # the history is replayed, the first turn's instructions are not (as OpenAI does)
     assert second.usage.input_tokens == explicit.usage.input_tokens
