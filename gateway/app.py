@@ -39,6 +39,8 @@ from mlx_gw.gateway.routes import (
     metrics,
     models,
     openai,
+    response_store,
+    responses,
 )
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.supervision.blas import fast_blas_env, warn_if_none
@@ -128,8 +130,10 @@ def build_app(config: Config) -> web.Application:
     app[SUPERVISOR] = Supervisor(config, ipc_dir=ipc_dir, worker_env=worker_env())
     metrics.install(app)
     events.install(app)
+    response_store.install(app)
     app.add_routes(openai.routes)
     app.add_routes(anthropic.routes)
+    app.add_routes(responses.routes)
     app.add_routes(embeddings.routes)
     app.add_routes(audio.routes)
     app.add_routes(admin.routes)

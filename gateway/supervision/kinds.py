@@ -16,6 +16,7 @@ ROUTE_KINDS: dict[str, tuple[str, ...]] = {
     "/v1/completions": ("llm",),
     "/v1/messages": ("llm", "vlm"),
     "/v1/messages/count_tokens": ("llm",),
+    "/v1/responses": ("llm", "vlm"),
     "/v1/embeddings": ("embedding",),
     "/v1/rerank": ("embedding",),
     "/v1/audio/transcriptions": ("stt",),
