@@ -170,6 +170,8 @@ def test_previous_response_id_chains_turns(gw: GatewayProc) -> None:
         {"role": "user", "content": "And tomorrow?"}])
     # the history is replayed, the first turn's instructions are not (as OpenAI does)
     assert second.usage.input_tokens == explicit.usage.input_tokens
+    # the same prompt again: all but its last token come from the worker's prompt cache
+    assert explicit.usage.input_tokens_details.cached_tokens == explicit.usage.input_tokens - 1
     call = c.responses.create(model="tools", input=ASK, tools=[WEATHER],
                               tool_choice="required", max_output_tokens=100)
     answer = c.responses.create(model="tools", previous_response_id=call.id, tools=[WEATHER],

@@ -54,7 +54,7 @@ class ResponseBuilder:
         usage = None
         if last is not None:
             usage = {"input_tokens": last.prompt_tokens,
-                     "input_tokens_details": {"cached_tokens": 0},
+                     "input_tokens_details": {"cached_tokens": self.parser.cached_tokens},
                      "output_tokens": last.completion_tokens,
                      "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": last.prompt_tokens + last.completion_tokens}
