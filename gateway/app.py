@@ -38,6 +38,8 @@ from mlx_gw.gateway.routes import (
     events,
     metrics,
     models,
+    ollama,
+    ollama_models,
     openai,
 )
 from mlx_gw.gateway.state import SUPERVISOR
@@ -52,7 +54,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error_response(request: web.Request, err: GatewayError) -> web.Response:
-    body = err.anthropic_body() if request.path.startswith("/v1/messages") else err.openai_body()
+    if request.path.startswith("/v1/messages"):
+        body = err.anthropic_body()
+    elif ollama.is_ollama(request):
+        body = err.ollama_body()
+    else:
+        body = err.openai_body()
     return web.json_response(body, status=err.status, headers=err.headers())
 
 
@@ -135,6 +142,8 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(models.routes)
     app.add_routes(dashboard.routes)
+    app.add_routes(ollama.routes)
+    app.add_routes(ollama_models.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[SUPERVISOR].start()
