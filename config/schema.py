@@ -114,6 +114,7 @@ class GatewayConfig:
     max_queue: int = 256
     max_body_bytes: int = 16 * 2**20
     remote_images: bool = True  # fetch http(s) image URLs for vlm models
+    ollama_compat_port: int | None = None  # a second listener (Ollama's 11434); 0 = any free
 
     def __post_init__(self) -> None:
         if self.memory_limit <= 0:
@@ -195,6 +196,8 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "max_queue": "most requests waiting at once across all models; more get 429",
     "max_body_bytes": 'largest request body accepted, e.g. "16MiB"; more gets 413',
     "remote_images": "fetch http(s) image URLs in vlm chat requests; false = only data: URLs",
+    "ollama_compat_port": "also listen on this port (Ollama's is 11434) for clients that "
+    "hard-code it; null = off, 0 = any free port",
 }
 MODEL_KEY_DOCS: dict[str, str] = {
     "type": "llm | vlm | embedding | tts | stt",

@@ -1,7 +1,8 @@
 """The Ollama API through a real gateway, real workers and the official `ollama` Python client:
 list, show, ps, chat and generate (streamed and not), embed, tool calls, `format`, thinking,
 the preload idiom and keep_alive 0, pull from a local Hugging Face Hub, copy/delete, a failure
-after the stream started, and Ollama-shaped errors.
+after the stream started, Ollama-shaped errors, and the second listener on
+`gateway.ollama_compat_port`.
 
 The official client validates every answer with pydantic (tool-call arguments must be an
 object, /api/show needs `model_info`, /api/tags items need `modified_at`/`digest`/`size`/
@@ -21,6 +22,8 @@ import jsonschema
 import psutil
 import pytest
 
+from mlx_gw.config import ConfigError
+from mlx_gw.config.validate import parse_config
 from tests.conftest import GatewayProc, assert_gone, wait_for
 from tests.test_model_management import LocalHub, hub_env
 from tests.test_tools import build_thinking_model, build_tool_model
@@ -55,7 +58,7 @@ def hub(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lo
 def gw(tiny_dir: Path, tiny_bert: Path, hub: LocalHub,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
     models = tmp_path_factory.mktemp("ollama-models")
-    config = {"gateway": {"port": 0, "memory_limit": "4GiB"},
+    config = {"gateway": {"port": 0, "ollama_compat_port": 0, "memory_limit": "4GiB"},
               "models": {
                   "tools": {"type": "llm", "path": str(build_tool_model(models / "tools")),
                             "aliases": ["llama3.2"]},
@@ -362,3 +365,30 @@ def test_requests_are_counted_by_route_and_model(gw: GatewayProc) -> None:
     assert any(line.startswith("mlxgw_requests_total{") and 'route="/api/chat"' in line
                and 'model="plain"' in line and 'status="200"' in line
                for line in text.splitlines()), text[-2000:]
+
+
+def test_the_ollama_port_listener_answers_ollama_clients(gw: GatewayProc) -> None:
+    state = json.loads((gw.home / "gateway.json").read_text())
+    url = state["ollama_url"]
+    assert url != gw.url
+    assert httpx.get(url + "/").text == "Ollama is running"
+    c = ollama.Client(host=url, timeout=120)
+    assert "tools" in {m.model for m in c.list().models}
+    r = c.chat(model="tools", messages=ASK, options=GREEDY)
+    assert r.eval_count == 8
+    assert "tools" in {m.model for m in c.ps().models}
+
+
+def test_ollama_compat_port_config() -> None:
+    def parse(gateway: dict[str, Any]) -> Any:
+        return parse_config({"gateway": gateway}, source="t.yaml", base_dir=Path("."), env={},
+                            check_paths=False).gateway
+
+    assert parse({}).ollama_compat_port is None
+    assert parse({"ollama_compat_port": 11434}).ollama_compat_port == 11434
+    assert parse({"port": 0, "ollama_compat_port": 0}).ollama_compat_port == 0
+    for bad in ({"ollama_compat_port": "11434"}, {"ollama_compat_port": 70000},
+                {"port": 9000, "ollama_compat_port": 9000}):
+        with pytest.raises(ConfigError) as e:
+            parse(bad)
+        assert "gateway.ollama_compat_port" in str(e.value)
