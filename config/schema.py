@@ -138,6 +138,7 @@ class GatewayConfig:
     # leaves); None = up to the window. At ~16 tok/s (135M f32 on 2 CPU cores) 2048 tokens
     # take ~2 min, well inside request_timeout, and far more than a chat answer needs.
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+    ollama_compat_port: int | None = None  # a second listener (Ollama's 11434); 0 = any free
 
     def __post_init__(self) -> None:
         if self.memory_limit <= 0:
@@ -232,6 +233,8 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "remote_images": "fetch http(s) image URLs in vlm chat requests; false = only data: URLs",
     "default_max_tokens": "completion bound of a request that sends no max_tokens; null = up "
     "to the context window",
+    "ollama_compat_port": "also listen on this port (Ollama's is 11434) for clients that "
+    "hard-code it; null = off, 0 = any free port",
 }
 MODEL_KEY_DOCS: dict[str, str] = {
     "type": "llm | vlm | embedding | tts | stt",

@@ -121,6 +121,13 @@ def _parse_gateway(data: object, env: Mapping[str, str]) -> GatewayConfig:
         values["memory_limit_raw"] = data["memory_limit"]
     if values.get("api_key") is None:
         values["api_key"] = env.get(ENV_API_KEY) or None
+    ollama_port = values.get("ollama_compat_port")
+    if ollama_port and ollama_port == values.get("port", GatewayConfig.port):
+        raise ConfigError(
+            f"is the same port as gateway.port ({ollama_port})",
+            key="gateway.ollama_compat_port",
+            fix="pick another port (Ollama's is 11434), or null to listen on gateway.port only",
+        )
     return GatewayConfig(**values)
 
 
@@ -215,6 +222,7 @@ _GATEWAY_CHECKS: dict[str, Check] = {
     "max_body_bytes": check_size,
     "remote_images": check_bool,
     "default_max_tokens": optional(partial(check_int, low=1)),
+    "ollama_compat_port": optional(partial(check_int, low=0, high=65535)),
 }
 _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the file's context
     "type": partial(check_choice, choices=MODEL_TYPES),

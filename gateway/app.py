@@ -15,6 +15,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -38,6 +39,8 @@ from mlx_gw.gateway.routes import (
     events,
     metrics,
     models,
+    ollama,
+    ollama_models,
     openai,
     response_store,
     responses,
@@ -54,7 +57,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error_response(request: web.Request, err: GatewayError) -> web.Response:
-    body = err.anthropic_body() if request.path.startswith("/v1/messages") else err.openai_body()
+    if request.path.startswith("/v1/messages"):
+        body = err.anthropic_body()
+    elif ollama.is_ollama(request):
+        body = err.ollama_body()
+    else:
+        body = err.openai_body()
     return web.json_response(body, status=err.status, headers=err.headers())
 
 
@@ -139,6 +147,8 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(models.routes)
     app.add_routes(dashboard.routes)
+    app.add_routes(ollama.routes)
+    app.add_routes(ollama_models.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[SUPERVISOR].start()
@@ -154,26 +164,43 @@ async def serve(
     *,
     host: str | None = None,
     port: int | None = None,
-    on_listening: Callable[[str, int], None] | None = None,
+    ollama_port: int | None = None,
+    on_listening: Callable[[str, int, int | None], None] | None = None,
 ) -> int:
-    """Run the gateway until SIGTERM/SIGINT, then drain and stop. Returns the exit code."""
+    """Run the gateway until SIGTERM/SIGINT, then drain and stop. Returns the exit code.
+
+    `ollama_port` (else gateway.ollama_compat_port; None = none, 0 = any free port) is a second
+    listener on the same app, for clients that hard-code Ollama's port. `on_listening` gets the
+    host, the bound port and the bound Ollama port (None without one)."""
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     host = host or config.gateway.host
     port = config.gateway.port if port is None else port
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as e:
-        log.error("cannot listen on %s:%s: %s", host, port, e)
-        await runner.cleanup()
-        return 1
-    bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("mlx-gw listening on http://%s:%d (%d models configured)", host, bound,
+    if ollama_port is None:
+        ollama_port = config.gateway.ollama_compat_port
+    sites = [web.TCPSite(runner, host, port)]
+    if ollama_port is not None:
+        sites.append(web.TCPSite(runner, host, ollama_port))
+    bound: list[int] = []
+    bound_sockets: list[Any] = []
+    for site, want in zip(sites, (port, ollama_port), strict=False):
+        try:
+            await site.start()
+        except OSError as e:
+            log.error("cannot listen on %s:%s: %s", host, want, e)
+            await runner.cleanup()
+            return 1
+        # The sites' sockets in start order: this site's are the ones not seen yet.
+        mine = runner.addresses[len(bound_sockets):]
+        bound_sockets.extend(mine)
+        bound.append(mine[0][1] if mine else want)
+    log.info("mlx-gw listening on http://%s:%d (%d models configured)", host, bound[0],
              len(config.models))
+    if len(bound) > 1:
+        log.info("mlx-gw also listening for Ollama clients on http://%s:%d", host, bound[1])
     if on_listening:
-        on_listening(host, bound)
+        on_listening(host, bound[0], bound[1] if len(bound) > 1 else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

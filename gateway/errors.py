@@ -1,12 +1,16 @@
 """One exception hierarchy for every error a client can see, rendered once (in middleware).
 
-Each error carries its HTTP status, OpenAI `type` and `code`; `openai_body` and
-`anthropic_body` shape it for the route family that is answering.
+Each error carries its HTTP status, OpenAI `type` and `code`; `openai_body`,
+`anthropic_body` and `ollama_body` shape it for the route family that is answering.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# The request key a route sets when its errors take another family's shape than its path says
+# (POST /api/pull with Ollama's body): read by app.error_middleware.
+ERROR_SHAPE = "mlxgw.error_shape"
 
 
 class GatewayError(Exception):
@@ -55,6 +59,9 @@ class GatewayError(Exception):
         }
         return {"type": "error", "error": {"type": kinds.get(self.status, "api_error"),
                                            "message": self.message}}
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
 
 
 class BadRequest(GatewayError):

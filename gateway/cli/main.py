@@ -94,15 +94,19 @@ def _run_foreground(config, args: argparse.Namespace) -> int:
     if config.source is None and not config.models:
         logging.getLogger("mlxgw").warning("no models configured: %s", default_config_problem())
 
-    def on_listening(host: str, port: int) -> None:
+    def on_listening(host: str, port: int, ollama_port: int | None) -> None:
         url = f"http://{host}:{port}"
-        state_file().write_text(json.dumps({"pid": os.getpid(), "url": url,
-                                             "config": config.source}))
+        state: dict[str, Any] = {"pid": os.getpid(), "url": url, "config": config.source}
+        if ollama_port is not None:
+            state["ollama_url"] = f"http://{host}:{ollama_port}"
+        state_file().write_text(json.dumps(state))
+        if ollama_port is not None:
+            print(f"mlx-gw Ollama-compatible listener on {state['ollama_url']}", flush=True)
         print(f"mlx-gw listening on {url}", flush=True)
 
     try:
         return asyncio.run(serve(config, host=args.host, port=args.port,
-                                 on_listening=on_listening))
+                                 ollama_port=args.ollama_port, on_listening=on_listening))
     finally:
         st = read_state()
         if st and st.get("pid") == os.getpid():
@@ -117,6 +121,8 @@ def _daemonize(config, args: argparse.Namespace) -> int:
         cmd += ["--host", args.host]
     if args.port is not None:
         cmd += ["--port", str(args.port)]
+    if args.ollama_port is not None:
+        cmd += ["--ollama-port", str(args.ollama_port)]
     log_path = log_file()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -239,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                    "~/.mlx-gw/models.yaml, else the embedded defaults)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--ollama-port", type=int, metavar="PORT",
+                   help="also listen on PORT for Ollama clients (11434 is Ollama's; 0 = any "
+                   "free port); overrides gateway.ollama_compat_port")
     s.add_argument("--foreground", action="store_true", help="run in this process")
     s.set_defaults(func=cmd_start)
     for name, func, text in (("stop", cmd_stop, "stop the gateway and its workers"),

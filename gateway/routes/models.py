@@ -7,6 +7,7 @@
 - `POST /api/pull {"repo", "revision"?, "stream"?}`: download a repo into the cache through
   huggingface_hub ($HF_ENDPOINT), progress streamed as SSE (`stream: false` answers once done).
   The repo is resolved before any byte is sent, so an unknown repo is a plain 404.
+  Ollama's body (`{"model"}`) gets Ollama's NDJSON status lines and error shape instead.
 - `DELETE /api/models/{repo}`: remove a pulled repo's files; 409 while a model using it is
   loaded, 404 when it is not in the cache.
 Disk and network work runs in threads (mlx_gw.gateway.store.model_files); the event loop never
@@ -16,8 +17,10 @@ blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,12 @@ from aiohttp import web
 
 from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.errors import BadRequest, Conflict, GatewayError, NotFound, Unavailable
+from mlx_gw.gateway.routes.ollama import mark_ollama
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.store import model_files
 from mlx_gw.gateway.supervision.supervisor import Supervisor
+from mlx_gw.gateway.translate.ollama import ModelBody, pull_status, pull_target
 from mlx_gw.gateway.translate.schemas import decode
 
 PULL_KEEPALIVE_S = 15.0
@@ -122,13 +127,10 @@ async def _manifest(repo: str, revision: str | None) -> dict[str, Any]:
         raise BadRequest(f"The Hugging Face Hub refused '{repo}': {e}", param="repo") from None
 
 
-@routes.post("/api/pull")
-async def pull(request: web.Request) -> web.StreamResponse:
-    body = decode(await request.read(), _PullBody)
-    if not model_files.is_repo_id(body.repo):
-        raise BadRequest(f"'{body.repo}' is not a Hugging Face repo id (expected 'org/name')",
-                         param="repo")
-    man = await _manifest(body.repo, body.revision)
+async def pull_progress(man: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
+    """Downloads `man` (from `_manifest`) in a thread, yielding its progress reports, None
+    after PULL_KEEPALIVE_S without one, and last {"status": "success", "path"}. A failed
+    download raises a GatewayError; leaving early stops the thread at its next chunk."""
     loop = asyncio.get_running_loop()
     reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     cancelled = threading.Event()
@@ -137,48 +139,130 @@ async def pull(request: web.Request) -> web.StreamResponse:
         loop.call_soon_threadsafe(reports.put_nowait, event)
 
     fut = loop.run_in_executor(None, model_files.pull, man, report, cancelled)
-    summary = {"repo": man["repo"], "revision": man["revision"], "files": len(man["files"]),
-               "total": man["total"]}
     try:
-        if not body.stream:
-            path = await fut
-            return web.json_response({"status": "success", **summary, "path": path})
-        out = EventStream(request)
-
-        async def send(event: dict[str, Any]) -> None:
-            await out.write(b"data: " + _dumps(event).encode() + b"\n\n")
-
-        await send({"status": "manifest", **summary})
         while not fut.done():
             get = asyncio.ensure_future(reports.get())
             done, _ = await asyncio.wait({get, fut}, timeout=PULL_KEEPALIVE_S,
                                          return_when=asyncio.FIRST_COMPLETED)
             if get in done:
-                await send(get.result())
+                yield get.result()
             else:
                 get.cancel()
                 if not done:
-                    await out.comment("downloading")
+                    yield None
         while not reports.empty():  # reports queued before the thread returned
-            await send(reports.get_nowait())
+            yield reports.get_nowait()
         try:
             path = fut.result()
+        except GatewayError:
+            raise
         except Exception as e:
-            err = e if isinstance(e, GatewayError) else Unavailable(
-                f"pulling '{man['repo']}' failed: {type(e).__name__}: {e}", code="pull_failed")
-            await send({"status": "error", **err.openai_body()})
-        else:
-            await send({"status": "success", **summary, "path": path})
-        return await out.close()
+            raise Unavailable(f"pulling '{man['repo']}' failed: {type(e).__name__}: {e}",
+                              code="pull_failed") from None
+        yield {"status": "success", "path": path}
     finally:
         if not fut.done():
             cancelled.set()  # the download thread stops at its next chunk
 
 
+@routes.post("/api/pull")
+async def pull(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    if _ollama_body(raw):
+        return await _ollama_pull(request, raw)
+    body = decode(raw, _PullBody)
+    if not model_files.is_repo_id(body.repo):
+        raise BadRequest(f"'{body.repo}' is not a Hugging Face repo id (expected 'org/name')",
+                         param="repo")
+    man = await _manifest(body.repo, body.revision)
+    summary = {"repo": man["repo"], "revision": man["revision"], "files": len(man["files"]),
+               "total": man["total"]}
+    progress = contextlib.aclosing(pull_progress(man))
+    if not body.stream:
+        path = None
+        async with progress as events:
+            async for event in events:
+                if event is not None and event["status"] == "success":
+                    path = event["path"]
+        return web.json_response({"status": "success", **summary, "path": path})
+    out = EventStream(request)
+
+    async def send(event: dict[str, Any]) -> None:
+        await out.write(b"data: " + _dumps(event).encode() + b"\n\n")
+
+    await send({"status": "manifest", **summary})
+    try:
+        async with progress as events:
+            async for event in events:
+                if event is None:
+                    await out.comment("downloading")
+                elif event["status"] == "success":
+                    await send({**event, **summary})
+                else:
+                    await send(event)
+    except GatewayError as e:
+        await send({"status": "error", **e.openai_body()})
+    return await out.close()
+
+
+def _ollama_body(raw: bytes) -> bool:
+    """Ollama's pull body names `model` (or `name`); ours names `repo`."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "repo" not in body and ("model" in body or "name" in body)
+
+
+async def _ollama_pull(request: web.Request, raw: bytes) -> web.StreamResponse:
+    """Ollama's pull: a configured model's repo, or a repo id (`hf.co/` prefix and `:tag` as
+    the revision accepted), with Ollama's NDJSON status lines."""
+    mark_ollama(request)
+    body = decode(raw, ModelBody)
+    sup = request.app[SUPERVISOR]
+    name = body.which
+    model = sup.config.resolve(name)
+    repo, revision = (model.path, None) if model is not None else pull_target(name)
+    if model is not None and not model_files.is_repo_id(repo):
+        return web.json_response({"status": "success"})  # local files: nothing to pull
+    if not model_files.is_repo_id(repo):
+        raise NotFound(f"'{name}' is neither a configured model nor a Hugging Face repo id "
+                       "(org/name or hf.co/org/name)", param="model")
+    man = await _manifest(repo, revision)
+    out = EventStream(request, {"Content-Type": "application/x-ndjson"}) if body.stream \
+        else None
+
+    async def send(event: dict[str, Any]) -> None:
+        if out is not None:
+            await out.write(_dumps(event).encode() + b"\n")
+
+    await send({"status": "pulling manifest"})
+    try:
+        async with contextlib.aclosing(pull_progress(man)) as events:
+            async for event in events:
+                if event is not None and event["status"] != "success":
+                    await send(pull_status(event))
+    except GatewayError as e:
+        if out is None:
+            raise
+        return await out.fail(e, _dumps({"error": e.message}).encode() + b"\n", repo)
+    for status in ("verifying sha256 digest", "writing manifest"):
+        await send({"status": status})
+    if out is None:
+        return web.json_response({"status": "success"})
+    await send({"status": "success"})
+    return await out.close()
+
+
 @routes.delete("/api/models/{name:.+}")
 async def delete(request: web.Request) -> web.Response:
-    sup = request.app[SUPERVISOR]
-    name = request.match_info["name"]
+    return web.json_response(await delete_pulled(request.app[SUPERVISOR],
+                                                 request.match_info["name"]))
+
+
+async def delete_pulled(sup: Supervisor, name: str) -> dict[str, Any]:
+    """Remove the files of a pulled model (by model name or repo id): 409 while loaded, 404
+    when not in the cache, 400 for a model served from local files."""
     model = sup.config.resolve(name)
     repo = model.path if model is not None else name
     if not model_files.is_repo_id(repo) or Path(repo).expanduser().exists():
@@ -195,4 +279,4 @@ async def delete(request: web.Request) -> web.Response:
     freed = await asyncio.to_thread(model_files.delete_repo, repo)
     if freed is None:
         raise NotFound(f"'{repo}' is not in the local Hugging Face cache", param="name")
-    return web.json_response({"deleted": repo, "freed_bytes": freed})
+    return {"deleted": repo, "freed_bytes": freed}

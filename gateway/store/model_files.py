@@ -115,6 +115,63 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
             "config": {k: v for k, v in meta.items() if not k.startswith("tokenizer.")}}
 
 
+def parameter_count(p: Path) -> int | None:
+    """Parameters in a model dir's safetensors, from their headers alone (quantized weights
+    counted unpacked: a U32 tensor beside `.scales` holds 32/bits values per element)."""
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return None
+    try:
+        bits = (json.loads((p / "config.json").read_text()).get("quantization") or {}).get("bits")
+    except (OSError, ValueError, AttributeError):
+        bits = None
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            return None
+        for name, t in header.items():
+            if name == "__metadata__" or name.endswith((".scales", ".biases")):
+                continue
+            n = 1
+            for dim in t.get("shape", []):
+                n *= dim
+            if bits and t.get("dtype") == "U32" and name[:-7] + ".scales" in header:
+                n = n * 32 // bits
+            total += n
+    return total
+
+
+def chat_template(p: Path) -> str | None:
+    """The model's chat template (chat_template.jinja or tokenizer_config.json), if any."""
+    if not p.is_dir():
+        return None
+    jinja = p / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(errors="replace")
+    try:
+        value = json.loads((p / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, list):  # named templates: the default one
+        value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
+
+
+def summary(path: str) -> dict[str, Any]:
+    """`describe` plus what Ollama's listings show: local path, mtime, parameter count and
+    chat template; for a model not on disk, only size 0."""
+    local, _ = local_path(path)
+    if local is None:
+        return {"size_bytes": 0, "path": path, "mtime": 0.0}
+    info = describe(local)
+    info.pop("config", None)
+    return {**info, "path": str(local), "mtime": local.stat().st_mtime,
+            "parameter_count": parameter_count(local), "template": chat_template(local)}
+
+
 # ---------------------------------------------------------------- the Hugging Face cache
 
 

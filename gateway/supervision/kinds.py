@@ -22,6 +22,10 @@ ROUTE_KINDS: dict[str, tuple[str, ...]] = {
     "/v1/audio/transcriptions": ("stt",),
     "/v1/audio/translations": ("stt",),
     "/v1/audio/speech": ("tts",),
+    "/api/chat": ("llm", "vlm"),
+    "/api/generate": ("llm", "vlm"),
+    "/api/embed": ("embedding",),
+    "/api/embeddings": ("embedding",),
 }
 
 

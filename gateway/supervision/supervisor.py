@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_gw.config import UNSET, Config, ModelConfig
-from mlx_gw.gateway.errors import BadRequest, NotFound, QueueFull
+from mlx_gw.gateway.errors import BadRequest, Conflict, NotFound, QueueFull
 from mlx_gw.gateway.supervision.ceiling import Ceiling
 from mlx_gw.gateway.supervision.kinds import check_kind
 from mlx_gw.gateway.supervision.leases import Phase
@@ -56,6 +56,8 @@ class Supervisor:
         # (request metrics attribute the request to its model whatever the route).
         self.resolve_observers: list[Callable[[str], None]] = []
         self._event_ids = itertools.count(1)
+        # Names added at runtime (Ollama's /api/copy), until restart: alias -> model name.
+        self.aliases: dict[str, str] = {}
         self.draining = False
         self._idle = asyncio.Event()  # set while no request holds a lease
         self._idle.set()
@@ -89,6 +91,8 @@ class Supervisor:
         if not isinstance(name, str) or not name:
             raise BadRequest("'model' must be a non-empty string", param="model")
         model = self.config.resolve(name)
+        if model is None and name in self.aliases:
+            model = self.config.models[self.aliases[name]]
         if model is None:
             known = ", ".join(self.config.models) or "none configured"
             raise NotFound(f"The model '{name}' does not exist. Available models: {known}",
@@ -97,6 +101,16 @@ class Supervisor:
             observe(model.name)
         if route is not None:
             check_kind(model, name, route)
+        return model
+
+    def add_alias(self, alias: str, name: str) -> ModelConfig:
+        """Serve model `name` as `alias` too, until restart (Ollama's /api/copy). Raises
+        NotFound for an unknown `name`, Conflict when `alias` is a configured name."""
+        model = self.resolve(name)
+        if self.config.resolve(alias) is not None:
+            raise Conflict(f"'{alias}' is already a configured model name or alias",
+                           param="destination")
+        self.aliases[alias] = model.name
         return model
 
     def handle(self, model: ModelConfig) -> WorkerHandle:
