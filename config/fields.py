@@ -81,6 +81,14 @@ def check_choice(value: object, key: str, *, choices: tuple[str, ...]) -> str:
     return cast(str, value)
 
 
+def check_int_choice(value: object, key: str, *, choices: tuple[int, ...]) -> int:
+    number = check_int(value, key, low=min(choices))
+    if number not in choices:
+        raise ConfigError(f"{number} is not valid", key=key,
+                          fix=f"use one of: {', '.join(map(str, choices))}")
+    return number
+
+
 def check_duration(value: object, key: str) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError(

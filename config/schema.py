@@ -167,6 +167,8 @@ class ModelConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
     warm_prompts: tuple[str, ...] = ()  # system prompts prefilled into the cache at load
+    kv_bits: int | None = None  # 4 or 8: KV stored quantized (batched); None: full precision
+    kv_group_size: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -253,6 +255,9 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "prompt_cache": "KV reuse across requests: {max_bytes: SIZE}; default half the weights "
                     "(256MB..4GB, at most 1/8 of memory_limit); 0 turns it off",
     "warm_prompts": "system prompts (an agent's) prefilled into the prompt cache at load",
+    "kv_bits": "4 or 8: keys and values stored quantized (about 0.28x the memory of a float32 "
+               "cache at 8 bits), batched and prompt-cached as usual; null = full precision",
+    "kv_group_size": "quantization group of kv_bits: 32, 64 (default) or 128",
     "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
     "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }

