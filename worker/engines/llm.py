@@ -36,6 +36,7 @@ from mlx_gw.worker.engines.defaults import (
     resolve_sampling,
 )
 from mlx_gw.worker.engines.prompt_cache import PromptCache, default_max_bytes
+from mlx_gw.worker.engines.prompt_disk import DiskTier, open_disk_tier
 from mlx_gw.worker.engines.sampling import sampler_for
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
@@ -88,6 +89,7 @@ class LLMEngine:
         max_batch: int,
         sampling: Sampling = NEUTRAL,
         prompt_cache_bytes: int = 0,
+        prompt_disk: DiskTier | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -107,7 +109,7 @@ class LLMEngine:
         self._grammars = Grammars(self._hf, sorted(self._eos))
         self._formats: dict[str, tuple[str, list[str]]] = {}
         self._answers: list[Delta] = []  # ready without a decode step (count_only)
-        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.prompt_cache = PromptCache(prompt_cache_bytes, prompt_disk)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -123,8 +125,12 @@ class LLMEngine:
         if budget is None:
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             budget = default_max_bytes(weights, load.memory_limit_bytes)
+        disk = None
+        if load.prompt_cache_disk and budget > 0:
+            disk = open_disk_tier(load.prompt_cache_disk, load.path, load.dtype,
+                                  load.prompt_cache_disk_bytes, load.name)
         engine = cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
-                     sampling=sampling, prompt_cache_bytes=budget)
+                     sampling=sampling, prompt_cache_bytes=budget, prompt_disk=disk)
         engine.warm(load.warm_prompts)
         log.info("[worker:%s] prompt cache: %.0f MiB, %d entries after %d warm prompts",
                  load.name, budget / 2**20, engine.prompt_cache.entries, len(load.warm_prompts))
@@ -342,4 +348,5 @@ class LLMEngine:
         return rids
 
     def close(self) -> None:
+        self.prompt_cache.close()  # memory's entries to the disk tier, when there is one
         self._gen.close()
