@@ -199,22 +199,37 @@ def check_sampling(value: object, key: str) -> Any:
 
 
 def check_prompt_cache(value: object, key: str) -> Any:
-    """A model's `prompt_cache:` mapping: {max_bytes: SIZE} (0 turns the cache off)."""
-    from mlx_gw.config.schema import PromptCacheConfig
+    """A model's `prompt_cache:` mapping: {max_bytes: SIZE (0 turns the cache off), disk: PATH,
+    disk_max_bytes: SIZE}. A relative `disk` is resolved by the caller, which knows the file."""
+    from mlx_gw.config.schema import DEFAULT_PROMPT_DISK_BYTES, PromptCacheConfig
 
+    keys = ("max_bytes", "disk", "disk_max_bytes")
     if not isinstance(value, dict):
         raise ConfigError(f"expected a mapping, got {describe(value)}", key=key,
                           fix="write e.g. `prompt_cache: {max_bytes: 1GB}`")
     for name in value:
-        if name != "max_bytes":
+        if name not in keys:
+            close = difflib.get_close_matches(str(name), keys, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
             raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
-                              fix="Valid keys here: max_bytes")
+                              fix=f"{hint}Valid keys here: {', '.join(keys)}")
     raw = value.get("max_bytes")
-    if raw is None:
-        return PromptCacheConfig()
-    if raw == 0:
-        return PromptCacheConfig(max_bytes=0)
-    return PromptCacheConfig(max_bytes=check_size(raw, f"{key}.max_bytes"))
+    max_bytes = None if raw is None else 0 if raw == 0 else check_size(raw, f"{key}.max_bytes")
+    disk = value.get("disk")
+    if disk is not None and (not isinstance(disk, str) or not disk.strip()):
+        raise ConfigError(f"expected a directory path, got {describe(disk)}", key=f"{key}.disk",
+                          fix="write e.g. `disk: ~/.mlx-gw/prompt-cache`")
+    if disk is not None and max_bytes == 0:
+        raise ConfigError("the disk tier keeps what memory evicts, and max_bytes: 0 keeps "
+                          "nothing", key=f"{key}.disk", fix="remove `disk` or `max_bytes: 0`")
+    disk_max = value.get("disk_max_bytes")
+    if disk_max is not None and disk is None:
+        raise ConfigError("disk_max_bytes bounds the disk tier, and there is none",
+                          key=f"{key}.disk_max_bytes", fix="add `disk: PATH` or remove it")
+    return PromptCacheConfig(
+        max_bytes=max_bytes, disk=disk,
+        disk_max_bytes=(DEFAULT_PROMPT_DISK_BYTES if disk_max is None
+                        else check_size(disk_max, f"{key}.disk_max_bytes")))
 
 
 def optional(check: Check) -> Check:

@@ -98,11 +98,16 @@ class SamplingConfig:
     min_p: float | None = None
 
 
+DEFAULT_PROMPT_DISK_BYTES = 10 * 2**30
+
+
 @dataclass(frozen=True)
 class PromptCacheConfig:
     """A model's `prompt_cache:` settings: the KV cache kept across requests."""
 
     max_bytes: int | None = None  # None: half the weights, 256 MiB..4 GiB, <= ceiling/8; 0: off
+    disk: str | None = None  # the disk tier's directory (absolute); None: no disk tier
+    disk_max_bytes: int = DEFAULT_PROMPT_DISK_BYTES  # the whole directory's bound
 
 
 def total_memory_bytes() -> int:
@@ -252,8 +257,10 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "llama3_json | mistral | mlx_lm:NAME",
     "reasoning_parser": 'thinking markers: auto | none | think | ["<start>", "<end>"]',
     "max_tokens": "overrides gateway.default_max_tokens for this model",
-    "prompt_cache": "KV reuse across requests: {max_bytes: SIZE}; default half the weights "
-                    "(256MB..4GB, at most 1/8 of memory_limit); 0 turns it off",
+    "prompt_cache": "KV reuse across requests: {max_bytes: SIZE, disk: PATH, disk_max_bytes: "
+                    "SIZE}; max_bytes default half the weights (256MB..4GB, at most 1/8 of "
+                    "memory_limit), 0 turns it off; disk keeps entries evicted from memory "
+                    "(off by default), disk_max_bytes bounds that directory (default 10GiB)",
     "warm_prompts": "system prompts (an agent's) prefilled into the prompt cache at load",
     "kv_bits": "4 or 8: keys and values stored quantized (about 0.28x the memory of a float32 "
                "cache at 8 bits), batched and prompt-cached as usual; null = full precision",

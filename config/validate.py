@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,11 @@ def _parse_model(
             values["path"] = _model_path(raw, key, base_dir, env, check_paths)
         else:
             values[key_name] = _MODEL_CHECKS[key_name](raw, key)
+    cache = values.get("prompt_cache")
+    if cache is not None and cache.disk is not None:  # relative to the file, as `path` is
+        disk = _expand_user(cache.disk, env)
+        disk = disk if disk.is_absolute() else base_dir / disk
+        values["prompt_cache"] = replace(cache, disk=os.path.normpath(disk))
     return ModelConfig(**values)
 
 

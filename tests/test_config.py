@@ -667,11 +667,31 @@ def test_prompt_cache_and_warm_prompts_keys(tmp_path: Path) -> None:
     assert parse_config({"models": {}}).gateway is not None
 
 
+def test_prompt_cache_disk_tier_keys(tmp_path: Path) -> None:
+    """`disk` resolves against the config file's directory (as `path` does), or ~ to HOME;
+    disk_max_bytes defaults to 10 GiB; no disk tier unless `disk` is given."""
+    path = write_config(tmp_path, model_yaml(
+        "prompt_cache: {disk: cache/pc, disk_max_bytes: 2GB}\n")
+        + "  m2:\n    type: llm\n    path: org/other\n    prompt_cache: {disk: ~/pc}\n"
+        + "  m3:\n    type: llm\n    path: org/third\n")
+    config = load_config(path, env={"HOME": str(tmp_path / "home")})
+    m1, m2, m3 = (config.models[n].prompt_cache for n in ("m1", "m2", "m3"))
+    assert m1.disk == str(tmp_path / "cache" / "pc") and m1.disk_max_bytes == 2 * 10**9
+    assert m2.disk == str(tmp_path / "home" / "pc") and m2.disk_max_bytes == 10 * 2**30
+    assert m3.disk is None and m1.max_bytes is None
+
+
 @pytest.mark.parametrize(("body", "key", "needle"), [
     ("prompt_cache: {max_byte: 1GB}", "models.m1.prompt_cache.max_byte", "max_bytes"),
     ("prompt_cache: {max_bytes: lots}", "models.m1.prompt_cache.max_bytes", ""),
     ("prompt_cache: 1GB", "models.m1.prompt_cache", "prompt_cache: {max_bytes"),
     ("warm_prompts: [1]", "models.m1.warm_prompts", "quote"),
+    ("prompt_cache: {disk: 3}", "models.m1.prompt_cache.disk", "disk: ~/"),
+    ("prompt_cache: {max_bytes: 0, disk: /tmp/pc}", "models.m1.prompt_cache.disk", "remove"),
+    ("prompt_cache: {disk_max_bytes: 1GB}", "models.m1.prompt_cache.disk_max_bytes", "disk:"),
+    ("prompt_cache: {disk: /tmp/pc, disk_max_bytes: big}",
+     "models.m1.prompt_cache.disk_max_bytes", ""),
+    ("prompt_cache: {disk_max: 1GB}", "models.m1.prompt_cache.disk_max", "disk_max_bytes"),
 ])
 def test_bad_prompt_cache_keys_name_the_key(tmp_path: Path, body: str, key: str,
                                             needle: str) -> None:

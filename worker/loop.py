@@ -106,6 +106,7 @@ def _cache_figures(engine: Engine) -> dict[str, int]:
     if cache is None:
         return {}
     return {"prompt_cache_bytes": cache.nbytes, "prompt_cache_entries": cache.entries,
+            "prompt_cache_disk_bytes": cache.disk.nbytes if cache.disk is not None else 0,
             "prompt_cache_hit_tokens": cache.hit_tokens,
             "prompt_cache_miss_tokens": cache.miss_tokens}
 

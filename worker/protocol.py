@@ -31,6 +31,9 @@ class Load(_Msg, tag="load"):
     context_length: int | None = None  # override of the model's own window
     memory_limit_bytes: int | None = None  # this worker's share of the ceiling (MLX limit)
     prompt_cache_bytes: int | None = None  # KV kept across requests; None: default, 0: off
+    # The prompt cache's disk tier: the directory ("" = none) and its byte budget.
+    prompt_cache_disk: str = ""
+    prompt_cache_disk_bytes: int = 0
     warm_prompts: list[str] = []  # system prompts prefilled into the prompt cache at load
     kv_bits: int = 0  # 4 or 8: keys and values stored quantized; 0: full precision
     kv_group_size: int = 64
@@ -196,6 +199,7 @@ class Heartbeat(_Msg, tag="hb"):
     generation_tokens_total: int = 0
     prompt_cache_bytes: int = 0  # KV held for later requests (counted in memory_bytes too)
     prompt_cache_entries: int = 0
+    prompt_cache_disk_bytes: int = 0  # this model's entries in the disk tier (not memory)
     prompt_cache_hit_tokens: int = 0  # since load: prompt tokens served from the cache
     prompt_cache_miss_tokens: int = 0  # since load: prompt tokens prefilled
 

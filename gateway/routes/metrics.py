@@ -286,6 +286,7 @@ class _StateCollector(Collector):
             pinned.add_metric([name], 1 if s.pinned else 0)
             if s.resident:
                 cache.add_metric([name, "memory"], s.prompt_cache_bytes)
+                cache.add_metric([name, "disk"], s.prompt_cache_disk_bytes)
         yield from (mem, queue, running, worker, state, pinned, cache)
         yield GaugeMetricFamily("mlxgw_memory_limit_bytes", "The memory ceiling for all "
                                 "workers together (gateway.memory_limit)", value=sup.ceiling)

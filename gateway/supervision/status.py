@@ -43,6 +43,7 @@ class ModelStatus:
     blas: str | None = None  # the BLAS the worker computes with (CPU workers), from Ready
     prompt_cache_bytes: int = 0  # KV the worker keeps across requests (within memory_bytes)
     prompt_cache_entries: int = 0
+    prompt_cache_disk_bytes: int = 0  # its entries in the disk tier (not memory)
 
     @property
     def resident(self) -> bool:
@@ -69,6 +70,7 @@ class ModelStatus:
             "blas": self.blas,
             "prompt_cache_bytes": self.prompt_cache_bytes,
             "prompt_cache_entries": self.prompt_cache_entries,
+            "prompt_cache_disk_bytes": self.prompt_cache_disk_bytes,
             "error": self.error,
         }
 

@@ -159,6 +159,8 @@ class WorkerHandle:
                     context_length=self.model.context_length,
                     memory_limit_bytes=self._memory_limit_bytes,
                     prompt_cache_bytes=self.model.prompt_cache.max_bytes,
+                    prompt_cache_disk=self.model.prompt_cache.disk or "",
+                    prompt_cache_disk_bytes=self.model.prompt_cache.disk_max_bytes,
                     warm_prompts=list(self.model.warm_prompts),
                     kv_bits=self.model.kv_bits or 0, kv_group_size=self.model.kv_group_size,
                 ))
@@ -386,7 +388,8 @@ class WorkerHandle:
             worker_in_flight=self.worker_in_flight, context_length=self.context_length,
             loaded_at=self.loaded_at, error=self.error, blas=self.blas if resident else None,
             prompt_cache_bytes=self.cache.prompt_cache_bytes if resident else 0,
-            prompt_cache_entries=self.cache.prompt_cache_entries if resident else 0)
+            prompt_cache_entries=self.cache.prompt_cache_entries if resident else 0,
+            prompt_cache_disk_bytes=self.cache.prompt_cache_disk_bytes if resident else 0)
 
     def trim_cache(self, max_bytes: int) -> int:
         """Ask the worker to shrink its prompt cache to `max_bytes`; returns the bytes that

@@ -36,6 +36,7 @@ from mlx_gw.worker.engines.defaults import (
     resolve_sampling,
 )
 from mlx_gw.worker.engines.prompt_cache import PromptCache, default_max_bytes
+from mlx_gw.worker.engines.prompt_disk import DiskTier, open_disk_tier
 from mlx_gw.worker.engines.quantized_kv import fresh_caches
 from mlx_gw.worker.engines.sampling import sampler_for
 from mlx_gw.worker.engines.stop_text import StopText
@@ -89,6 +90,7 @@ class LLMEngine:
         max_batch: int,
         sampling: Sampling = NEUTRAL,
         prompt_cache_bytes: int = 0,
+        prompt_disk: DiskTier | None = None,
         kv_bits: int = 0,
         kv_group_size: int = 64,
     ) -> None:
@@ -110,7 +112,7 @@ class LLMEngine:
         self._grammars = Grammars(self._hf, sorted(self._eos))
         self._formats: dict[str, tuple[str, list[str]]] = {}
         self._answers: list[Delta] = []  # ready without a decode step (count_only)
-        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.prompt_cache = PromptCache(prompt_cache_bytes, prompt_disk)
         self._model = model
         self._kv = (kv_bits, kv_group_size)
         if kv_bits:
@@ -130,9 +132,16 @@ class LLMEngine:
         if budget is None:
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             budget = default_max_bytes(weights, load.memory_limit_bytes)
+        disk = None
+        if load.prompt_cache_disk and budget > 0:
+            # The KV's own format is part of its identity: 8-bit entries never serve f32.
+            kv = f"{load.dtype}/kv{load.kv_bits}g{load.kv_group_size}" if load.kv_bits \
+                else load.dtype
+            disk = open_disk_tier(load.prompt_cache_disk, load.path, kv,
+                                  load.prompt_cache_disk_bytes, load.name)
         engine = cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
-                     sampling=sampling, prompt_cache_bytes=budget, kv_bits=load.kv_bits,
-                     kv_group_size=load.kv_group_size)
+                     sampling=sampling, prompt_cache_bytes=budget, prompt_disk=disk,
+                     kv_bits=load.kv_bits, kv_group_size=load.kv_group_size)
         engine.warm(load.warm_prompts)
         log.info("[worker:%s] prompt cache: %.0f MiB, %d entries after %d warm prompts",
                  load.name, budget / 2**20, engine.prompt_cache.entries, len(load.warm_prompts))
@@ -352,4 +361,5 @@ class LLMEngine:
         return rids
 
     def close(self) -> None:
+        self.prompt_cache.close()  # memory's entries to the disk tier, when there is one
         self._gen.close()

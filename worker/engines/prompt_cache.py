@@ -8,15 +8,26 @@ and misses side by side in one batch. Entries live in one worker, which serves o
 a prefix of another model never matches; a different template or adapter tokenizes to other
 tokens and so misses too. The bytes are bounded (`max_bytes`, least recently used out first)
 and counted in the worker's heartbeat; `shrink` gives memory back when the supervisor asks.
+With a disk tier (prompt_disk.py), what leaves memory (evicted by the budget, shrunk, or still
+here when the worker shuts down) is written to disk, and a lookup that finds a longer prefix
+on disk than in memory loads it from there.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    PromptTrie,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
+
+from mlx_gw.worker.engines.prompt_disk import DiskTier
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -25,6 +36,7 @@ MIN_DEFAULT_BYTES = 256 * MiB
 MAX_DEFAULT_BYTES = 4 * 2**30
 MAX_ENTRIES = 256  # beyond the byte budget: many tiny entries cost lookups, not memory
 _KEY = "model"  # one model per worker
+SPILL_ON_CLOSE_S = 3.0  # the gateway waits 5 s for a worker to exit after Shutdown
 
 
 def default_max_bytes(weight_bytes: int, memory_limit_bytes: int | None) -> int:
@@ -36,12 +48,35 @@ def default_max_bytes(weight_bytes: int, memory_limit_bytes: int | None) -> int:
     return budget
 
 
+class _EvictionTrie(PromptTrie):
+    """LRUPromptCache's trie, keeping what the LRU evicts (`pop` is its eviction: redundant
+    prefixes leave through `pop_prefixes`) until the disk tier has written it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evicted: list[tuple[list[int], list[Any]]] = []
+
+    def pop(self, model: Any, tokens: list[int]) -> Any:
+        entry = super().pop(model, tokens)
+        self.evicted.append((list(tokens), entry.prompt_cache))
+        return entry
+
+
 class PromptCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, disk: DiskTier | None = None) -> None:
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+        self.disk = None
+        if disk is not None and max_bytes > 0:
+            if isinstance(getattr(self._lru, "_trie", None), PromptTrie):
+                self._evictions = self._lru._trie = _EvictionTrie()
+                self.disk = disk
+            else:  # another mlx-lm's internals: serve from memory only
+                log.warning("[prompt-cache] this mlx-lm's LRUPromptCache has no trie to "
+                            "watch: the disk tier is off")
         self.hit_tokens = 0  # prompt tokens served from the cache, since load
         self.miss_tokens = 0  # prompt tokens prefilled
+        self.disk_hit_tokens = 0  # of hit_tokens, those loaded from the disk tier
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +102,12 @@ class PromptCache:
             else:
                 cache, n = None, 0
         if cache is not None and n <= 0:
-            cache = None
+            cache, n = None, 0
+        if self.disk is not None:  # memory first; disk only for a longer prefix
+            found, m = self.disk.load(tokens, better_than=n)
+            if found is not None:
+                cache, n = found, m
+                self.disk_hit_tokens += n
         self.hit_tokens += n
         self.miss_tokens += len(tokens) - n
         return cache, n
@@ -79,6 +119,35 @@ class PromptCache:
         if any(getattr(c, "offset", len(tokens)) != len(tokens) for c in cache):
             return  # the cache and its key disagree: never risk a wrong prefix
         self._lru.insert_cache(_KEY, list(tokens), cache)
+        self._spill()
+
+    def _spill(self) -> None:
+        """Write what the LRU just evicted to the disk tier (oldest first, so the newest
+        gets the newest mtime)."""
+        if self.disk is None:
+            return
+        evicted, self._evictions.evicted = self._evictions.evicted, []
+        for tokens, cache in evicted:
+            self.disk.save(tokens, cache)
+
+    def close(self) -> None:
+        """The worker is stopping: write what memory holds to the disk tier, most recently
+        used first, for at most SPILL_ON_CLOSE_S and never more than the disk budget (an
+        older entry would only push out a newer one)."""
+        if self.disk is None or not len(self._lru):
+            return
+        t0 = time.perf_counter()
+        self._lru.trim_to(n_bytes=0)  # every entry leaves, least recently used first
+        evicted, self._evictions.evicted = self._evictions.evicted, []
+        stamp, written, n = time.time_ns(), 0, 0
+        for rank, (tokens, cache) in enumerate(reversed(evicted)):
+            size = sum(c.nbytes for c in cache)
+            if written + size > self.disk.max_bytes or time.perf_counter() - t0 > SPILL_ON_CLOSE_S:
+                break
+            written += self.disk.save(tokens, cache, mtime_ns=stamp - rank * 1000)
+            n += 1
+        log.info("[prompt-cache] wrote %d of %d entries (%.1f MiB) to disk at shutdown in "
+                 "%.0f ms", n, len(evicted), written / MiB, (time.perf_counter() - t0) * 1e3)
 
     def shrink(self, max_bytes: int) -> int:
         """Drop least recently used entries until at most `max_bytes` remain (the budget
@@ -86,6 +155,7 @@ class PromptCache:
         before = self._lru.nbytes
         self._lru.trim_to(n_bytes=max(0, max_bytes))
         freed = before - self._lru.nbytes
+        self._spill()
         if freed:
             mx.clear_cache()
             log.info("[prompt-cache] shrunk by %.0f MiB to %.0f MiB", freed / MiB,

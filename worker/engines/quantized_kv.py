@@ -28,6 +28,25 @@ class QuantizedKV(QuantizedKVCache):
         return BatchQuantizedKVCache.merge(caches)
 
 
+def as_saveable(cache: Any) -> Any:
+    """mlx-lm's save_prompt_cache names each cache by its class, which load_prompt_cache
+    looks up in mlx-lm's own module: store a QuantizedKV as the QuantizedKVCache it is."""
+    if type(cache) is QuantizedKV:
+        plain = QuantizedKVCache(group_size=cache.group_size, bits=cache.bits)
+        plain.state = cache.state
+        return plain
+    return cache
+
+
+def as_batchable(cache: Any) -> Any:
+    """The inverse of `as_saveable`, for a cache read back from disk."""
+    if type(cache) is QuantizedKVCache:
+        batchable = QuantizedKV(group_size=cache.group_size, bits=cache.bits)
+        batchable.state = cache.state
+        return batchable
+    return cache
+
+
 def fresh_caches(model: Any, bits: int, group_size: int) -> list[QuantizedKV]:
     """One empty quantized cache per layer. Raises ValueError for a model whose layers use
     another cache kind (sliding windows, state-space layers): those cannot be quantized."""
@@ -38,7 +57,23 @@ def fresh_caches(model: Any, bits: int, group_size: int) -> list[QuantizedKV]:
         names = ", ".join(sorted(k.__name__ for k in kinds))
         raise ValueError(f"kv_bits needs a plain KV cache in every layer; this model uses "
                          f"{names}: remove kv_bits for it")
+    dim = _head_dim(model)
+    if dim is not None and dim % group_size:
+        raise ValueError(f"kv_group_size {group_size} does not divide this model's attention "
+                         f"head size ({dim}): use a kv_group_size that does (32, 64, 128), "
+                         "or remove kv_bits")
     return [QuantizedKV(group_size=group_size, bits=bits) for _ in model.layers]
+
+
+def _head_dim(model: Any) -> int | None:
+    attn = getattr(model.layers[0], "self_attn", None) if getattr(model, "layers", None) else None
+    dim = getattr(attn, "head_dim", None)
+    args = getattr(model, "args", None)
+    if dim is None and args is not None:
+        dim = getattr(args, "head_dim", None) or (
+            args.hidden_size // args.num_attention_heads
+            if getattr(args, "num_attention_heads", 0) else None)
+    return int(dim) if dim else None
 
 
 def _slice(t: Triple, *idx: Any) -> Triple:
