@@ -70,8 +70,11 @@ def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path
     for png in ("throughput.png", "latency.png", "open_loop.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The harness stopped everything it started.
+    # (Counted among this interpreter's processes only: another checkout's tests running on
+    # the same machine start gateways and workers too.)
     ours = ("-m bench.inprocess", "-m mlx_gw.gateway.cli", "-m mlx_gw.worker")
     leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                and (p.info["cmdline"] or [""])[0] == sys.executable
                 and any(s in " ".join(p.info["cmdline"] or []) for s in ours)]
     assert leftover == []
 
