@@ -201,3 +201,47 @@ def test_kv_bits_8_batches_caches_and_answers_sensibly(start_gateway: Any) -> No
     q8 = wait_for(lambda: held("q8"), what="q8's cache bytes")
     f32 = wait_for(lambda: held("f32"), what="f32's cache bytes")
     assert q8 / f32 < 0.35, (q8, f32)
+
+
+def test_memory_pressure_shrinks_the_cache_before_evicting(tmp_path: Path,
+                                                          start_gateway: Any) -> None:
+    """Resident memory crossing memory_limit because the prompt cache grew: the supervisor
+    asks the worker to shrink its cache, and the model stays loaded (same pid, no evict).
+    The model has wide KV (8 KiB a token) so a few short prompts fill tens of MB while each
+    request's own working memory stays small."""
+    from tests.tiny_models import build_tiny_llama
+
+    wide = build_tiny_llama(tmp_path / "wide", num_layers=8, hidden_size=128, num_heads=4,
+                            num_kv_heads=4, max_position_embeddings=4096)
+    model = {"type": "llm", "path": str(wide), "prompt_cache": {"max_bytes": "512MB"}}
+    probe = start_gateway({"gateway": {"port": 0, "warm_spare": False},
+                           "models": {"m": model}})
+    _client(probe).chat.completions.create(model="m", messages=[
+        {"role": "user", "content": "hi " * 300}], **GREEDY)
+    base = wait_for(lambda: next(m for m in probe.ps() if m["name"] == "m")["memory_bytes"],
+                    what="the worker's memory")
+    probe.stop()
+    g = start_gateway({"gateway": {"port": 0, "warm_spare": False,
+                                   "memory_limit": base + 40 * 2**20},
+                       "models": {"m": model}})
+    c = _client(g)
+    pid = None
+    for i in range(30):  # ~2,000 tokens, ~16 MB of KV each: the cache outgrows the headroom
+        words = " ".join(f"p{i}w{j}" for j in range(300))
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": words}],
+                                  **GREEDY)
+        row = next(m for m in g.ps() if m["name"] == "m")
+        pid = pid or row["pid"]
+        assert row["pid"] == pid, g.log()[-3000:]
+        if "[prompt-cache] shrunk by" in g.log():
+            break
+    wait_for(lambda: "asking m to shrink its prompt cache" in g.log(), timeout=30,
+             what="the supervisor to shrink the cache")
+    wait_for(lambda: "[prompt-cache] shrunk by" in g.log(), timeout=30,
+             what="the worker to shrink it")
+    wait_for(lambda: "over the ceiling" not in g.log().splitlines()[-1], timeout=30,
+             what="memory back under the ceiling")
+    row = next(m for m in g.ps() if m["name"] == "m")
+    assert row["pid"] == pid and row["state"] == "ready"
+    events = httpx.get(g.url + "/api/events", timeout=10).json()["events"]
+    assert not [e for e in events if e["type"] == "evict"], events

@@ -100,6 +100,20 @@ _EXTRAS = {
 }
 
 
+def _give_back_memory() -> None:
+    """Release MLX's cache of freed buffers, then ask glibc to return free heap pages to
+    the system: without it the RSS the supervisor reads stays high after a shrink (glibc's
+    dynamic mmap threshold keeps large freed buffers on the heap)."""
+    import mlx.core as mx  # imported by then: the loop runs after the load
+
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def _cache_figures(engine: Engine) -> dict[str, int]:
     """The prompt cache's Heartbeat fields (engines without one report zeros)."""
     cache = getattr(engine, "prompt_cache", None)
@@ -210,6 +224,7 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
             cache = getattr(engine, "prompt_cache", None)
             if cache is not None:
                 cache.shrink(msg.max_bytes)
+            _give_back_memory()
         elif isinstance(msg, p.Shutdown):
             engine.close()
             return False

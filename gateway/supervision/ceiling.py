@@ -23,6 +23,7 @@ from mlx_gw.gateway.supervision.worker_handle import WorkerHandle
 
 log = logging.getLogger("mlxgw.supervisor")
 MiB = 2**20
+TRIM_GRACE_S = 2.5  # a trimmed worker's memory shows in its next heartbeats (every 1 s)
 
 
 class Ceiling:
@@ -121,18 +122,31 @@ class Ceiling:
                                                   h.memory_bytes)
         over = self.resident_bytes() - self.limit
         if over <= 0:
+            for h in self._handles.values():
+                h.trim_asked_at = None  # the pressure is over
             return
-        # Prompt caches go first, least recently used model first: a smaller cache costs a
-        # few re-prefills, an eviction a whole reload. The freed bytes count at once (the
-        # workers' next heartbeats confirm them), so nothing is evicted for the same bytes.
+        # Workers give memory back first, least recently used model first: each is asked once
+        # per episode of pressure to shrink its prompt cache and release MLX's buffer cache
+        # (a smaller cache costs a few re-prefills, an eviction a whole reload). Known cache
+        # bytes count as freed at once; the rest shows in the worker's next heartbeats, which
+        # eviction waits TRIM_GRACE_S for.
+        now, waiting = time.monotonic(), False
         for h in sorted((h for h in self._handles.values() if h.state is State.READY),
                         key=lambda h: h.last_used):
             if over <= 0:
                 return
-            held = h.cache.prompt_cache_bytes
-            if held:
-                over -= h.trim_cache(max(0, held - over))
-        if over <= 0:
+            if h.trim_asked_at is None:
+                keep = max(0, h.cache.prompt_cache_bytes - over)
+                if h.trim_cache(keep):
+                    log.info("[supervisor] resident memory %.0f MiB over the ceiling: asking "
+                             "%s to shrink its prompt cache to %.0f MiB", over / MiB,
+                             h.model.name, keep / MiB)
+                    h.trim_asked_at = now
+                    over -= max(0, h.cache_before_trim - keep)
+                    waiting = True
+            elif now - h.trim_asked_at < TRIM_GRACE_S:
+                waiting = True
+        if over <= 0 or waiting:
             return
         idle = sorted((h for h in self._handles.values() if h.state is State.READY
                        and h.active == 0 and not h.pinned), key=lambda h: h.last_used)

@@ -90,6 +90,8 @@ class WorkerHandle:
         self.blas: str | None = None
         self.worker_in_flight = 0
         self.cache = p.Heartbeat(memory_bytes=0, in_flight=0)  # last prompt-cache figures
+        self.trim_asked_at: float | None = None  # memory pressure: when the worker was asked
+        self.cache_before_trim = 0
         self.context_length = 0
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
@@ -391,18 +393,19 @@ class WorkerHandle:
             prompt_cache_entries=self.cache.prompt_cache_entries if resident else 0,
             prompt_cache_disk_bytes=self.cache.prompt_cache_disk_bytes if resident else 0)
 
-    def trim_cache(self, max_bytes: int) -> int:
-        """Ask the worker to shrink its prompt cache to `max_bytes`; returns the bytes that
-        frees by its last report (0 when it holds no cache or is not running)."""
-        freed = max(0, self.cache.prompt_cache_bytes - max_bytes)
-        if freed and self._wp is not None and self.state is State.READY:
-            try:
-                self._wp.send(p.TrimCache(max_bytes=max_bytes))
-            except WorkerGone:
-                return 0
-            self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=max_bytes)
-            return freed
-        return 0
+    def trim_cache(self, max_bytes: int) -> bool:
+        """Ask the worker to shrink its prompt cache to `max_bytes` and release MLX's buffer
+        cache; False when it is not running. `cache_before_trim` keeps what it held."""
+        if self._wp is None or self.state is not State.READY:
+            return False
+        try:
+            self._wp.send(p.TrimCache(max_bytes=max_bytes))
+        except WorkerGone:
+            return False
+        self.cache_before_trim = self.cache.prompt_cache_bytes
+        held = min(self.cache.prompt_cache_bytes, max_bytes)
+        self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=held)
+        return True
 
 
 _Request = p.Embed | p.Transcribe | p.Speak
