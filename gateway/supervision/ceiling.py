@@ -125,17 +125,19 @@ class Ceiling:
             for h in self._handles.values():
                 h.trim_asked_at = None  # the pressure is over
             return
-        # Workers give memory back first, least recently used model first: each is asked once
-        # per episode of pressure to shrink its prompt cache and release MLX's buffer cache
-        # (a smaller cache costs a few re-prefills, an eviction a whole reload). Known cache
-        # bytes count as freed at once; the rest shows in the worker's next heartbeats, which
-        # eviction waits TRIM_GRACE_S for.
+        # Workers give memory back first, least recently used model first: each is asked to
+        # shrink its prompt cache and release MLX's buffer cache (a smaller cache costs a few
+        # re-prefills, an eviction a whole reload), again every TRIM_GRACE_S while its cache
+        # still holds bytes. Known cache bytes count as freed at once; the rest shows in the
+        # worker's next heartbeats, which eviction waits for. A worker is evicted only once
+        # it has nothing left to give.
         now, waiting = time.monotonic(), False
         for h in sorted((h for h in self._handles.values() if h.state is State.READY),
                         key=lambda h: h.last_used):
             if over <= 0:
                 return
-            if h.trim_asked_at is None:
+            settled = h.trim_asked_at is None or now - h.trim_asked_at >= TRIM_GRACE_S
+            if settled and (h.trim_asked_at is None or h.cache.prompt_cache_bytes > 0):
                 keep = max(0, h.cache.prompt_cache_bytes - over)
                 if h.trim_cache(keep):
                     log.info("[supervisor] resident memory %.0f MiB over the ceiling: asking "
