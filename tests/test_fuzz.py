@@ -53,3 +53,15 @@ def test_malformed_multipart_is_a_400_not_a_500(gateway) -> None:
     err = r.json()["error"]
     assert err["param"] == "file" and "malformed" in err["message"]
     assert "Traceback" not in gateway.log()
+
+
+def test_a_keep_alive_past_any_representable_time_means_never(gateway) -> None:
+    # Fuzzing found {"keep_alive": 1e300}: the expiry overflowed time_t and every later
+    # /api/ps and /api/load answered 500.
+    r = httpx.post(gateway.url + "/api/load", json={"model": "tiny-1", "keep_alive": 1e300},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["expires_at"] is None
+    r = httpx.get(gateway.url + "/api/ps", timeout=10)
+    assert r.status_code == 200, r.text
+    httpx.post(gateway.url + "/api/unload", json={"model": "tiny-1"}, timeout=30)
