@@ -33,6 +33,11 @@ DURATION_HELP = (
 )
 
 
+# Go's longest time.Duration (2**63 ns, ~292 years): anything longer means never expire, and
+# an expiry that far ahead would not fit a platform time_t when rendered (found by fuzzing).
+MAX_DURATION_S = 2**63 / 1e9
+
+
 def parse_duration(value: str | int | float, *, key: str = "keep_alive") -> float | None:
     """Parse a keep_alive-style duration into seconds.
 
@@ -52,7 +57,7 @@ def parse_duration(value: str | int | float, *, key: str = "keep_alive") -> floa
         seconds = float(value)
     if math.isnan(seconds):
         raise ValueError(f"{key}: expected {DURATION_HELP}; got {value!r}")
-    if seconds < 0 or math.isinf(seconds):
+    if seconds < 0 or seconds >= MAX_DURATION_S:  # inf, or past any representable expiry
         return None
     return seconds if seconds else 0.0  # "-0" is 0.0, not -0.0
 

@@ -42,6 +42,7 @@ from mlx_gw.gateway.routes import (
     ollama,
     ollama_models,
     openai,
+    openapi,
     response_store,
     responses,
 )
@@ -149,6 +150,7 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(dashboard.routes)
     app.add_routes(ollama.routes)
     app.add_routes(ollama_models.routes)
+    app.add_routes(openapi.routes)
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[SUPERVISOR].start()

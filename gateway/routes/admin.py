@@ -15,7 +15,7 @@ from mlx_gw.gateway.translate.schemas import Name, decode, keep_alive_param
 routes = web.RouteTableDef()
 
 
-class _ModelBody(msgspec.Struct):
+class ModelRequest(msgspec.Struct):
     model: Name
     keep_alive: str | int | float | None = None
 
@@ -40,14 +40,14 @@ async def ps(request: web.Request) -> web.Response:
 
 @routes.post("/api/load")
 async def load(request: web.Request) -> web.Response:
-    body = decode(await request.read(), _ModelBody)
+    body = decode(await request.read(), ModelRequest)
     status = await request.app[SUPERVISOR].load(body.model, keep_alive_param(body.keep_alive))
     return web.json_response(status.ps_entry())
 
 
 @routes.post("/api/unload")
 async def unload(request: web.Request) -> web.Response:
-    body = decode(await request.read(), _ModelBody)
+    body = decode(await request.read(), ModelRequest)
     status = await request.app[SUPERVISOR].unload(body.model)
     return web.json_response(status.ps_entry())
 
@@ -57,7 +57,7 @@ async def queue(request: web.Request) -> web.Response:
     return web.json_response({"models": request.app[SUPERVISOR].queue()})
 
 
-class _PinBody(msgspec.Struct):
+class PinRequest(msgspec.Struct):
     model: Name
     pin: bool = True
 
@@ -65,7 +65,7 @@ class _PinBody(msgspec.Struct):
 @routes.post("/api/pin")
 async def pin(request: web.Request) -> web.Response:
     """Pin or unpin a model at runtime (until restart); loads nothing."""
-    body = decode(await request.read(), _PinBody)
+    body = decode(await request.read(), PinRequest)
     status = request.app[SUPERVISOR].pin(body.model, body.pin)
     return web.json_response({"name": status.name, "pinned": status.pinned,
                               "state": status.state.value, "expires_at": iso(status.expires_at)})

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mlx_gw.gateway.errors import BadRequest, GatewayError
 from mlx_gw.gateway.state import SUPERVISOR
@@ -31,7 +32,12 @@ async def _form(request: web.Request) -> dict[str, Any]:
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("send the audio as multipart/form-data with a 'file' field (as the "
                          "OpenAI SDK does)", param="file")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except HttpProcessingError as e:  # aiohttp's multipart parser on a malformed part
+        raise BadRequest(f"The multipart body is malformed: {e.message}", param="file") from None
+    except ValueError as e:
+        raise BadRequest(f"The multipart body is malformed: {e}", param="file") from None
     fields: dict[str, Any] = {}
     for key, value in form.items():
         if key in ("timestamp_granularities[]", "timestamp_granularities"):

@@ -102,7 +102,7 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=_dumps)
 
 
-class _PullBody(msgspec.Struct):
+class PullRequest(msgspec.Struct):
     repo: str
     revision: str | None = None
     stream: bool = True
@@ -170,7 +170,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     if _ollama_body(raw):
         return await _ollama_pull(request, raw)
-    body = decode(raw, _PullBody)
+    body = decode(raw, PullRequest)
     if not model_files.is_repo_id(body.repo):
         raise BadRequest(f"'{body.repo}' is not a Hugging Face repo id (expected 'org/name')",
                          param="repo")
