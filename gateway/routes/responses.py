@@ -62,6 +62,8 @@ async def create(request: web.Request) -> web.StreamResponse:
         if sse is None or not sse.started:
             raise
         return await _failed(req, store, turn, sse, e)
+    except ConnectionResetError:  # the client went away: the lease's exit cancelled it
+        raise
     except Exception:
         if sse is None or not sse.started:
             raise
