@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -39,13 +39,14 @@ log = logging.getLogger("mlxgw.supervisor")
 # (stopped, or stuck holding the GIL): it is killed. Long steps do not count: the worker's pulse
 # thread speaks while they run. MLX_GW_HEARTBEAT_TIMEOUT (seconds) overrides it.
 HEARTBEAT_TIMEOUT_S = float(os.environ.get("MLX_GW_HEARTBEAT_TIMEOUT", "60"))
+# Outputs one request may leave unread (its client stalled) before it is cancelled: bounded memory.
+PENDING_MAX_ITEMS = int(os.environ.get("MLX_GW_PENDING_MAX_ITEMS", "1024"))
 LOAD_RETRY_BASE_S = 1.0
 LOAD_RETRY_MAX_S = 30.0
 
 
-class _Died:
-    def __init__(self, why: str) -> None:
-        self.why = why
+class _Died(NamedTuple):
+    why: str
 
 
 EventSink = Callable[["WorkerHandle", str, dict[str, Any]], None]
@@ -211,17 +212,26 @@ class WorkerHandle:
                 return
             if isinstance(msg, p.Outputs):
                 for d in msg.items:
-                    q = self._pending.get(d.rid)
-                    if q is not None:
-                        q.put_nowait(d)
+                    self._deliver(wp, d.rid, d)
             elif isinstance(msg, p.Heartbeat):
                 self.memory_bytes = msg.memory_bytes
                 self.worker_in_flight = msg.in_flight
                 self.cache = msg
             elif isinstance(msg, _ROUTED):
-                q = self._pending.get(msg.rid)
-                if q is not None:
-                    q.put_nowait(msg)
+                self._deliver(wp, msg.rid, msg)
+
+    def _deliver(self, wp: WorkerProcess, rid: int, item: Any) -> None:
+        if (q := self._pending.get(rid)) is None:
+            return
+        if q.qsize() >= PENDING_MAX_ITEMS:  # its reader is stuck: drop its backlog, cancel it
+            log.warning("[worker:%s] request %d: %d outputs unread (client stalled): cancelled",
+                        self.model.name, rid, q.qsize())
+            for _ in range(q.qsize()):
+                q.get_nowait()
+            item = p.Error(rid=rid, code="client_too_slow", message="the client fell behind")
+            with contextlib.suppress(WorkerGone):
+                wp.send(p.Cancel(rid=rid))
+        q.put_nowait(item)
 
     async def _watch_exit(self, wp: WorkerProcess, reader: asyncio.Task[None]) -> None:
         await wp.wait_exit()
