@@ -136,7 +136,7 @@ class GatewayConfig:
     request_timeout: float = 600.0
     queue_timeout: float = 120.0
     starvation_timeout: float = 10.0
-    max_queue: int = 256
+    max_queue: int = 1024
     max_body_bytes: int = 16 * 2**20
     remote_images: bool = True  # fetch http(s) image URLs for vlm models
     # Completion bound of a request that sends no max_tokens (cut to what the context window
@@ -163,7 +163,7 @@ class ModelConfig:
     keep_alive: float | None | _Unset = UNSET  # None = never expire; UNSET = gateway default
     pin: bool = False
     max_batch: int = 16
-    max_queue: int = 64
+    max_queue: int = 512
     dtype: str = "auto"
     context_length: int | None = None
     tool_parser: str = "auto"
