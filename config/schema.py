@@ -203,6 +203,12 @@ class Config:
         """The model called `name`, by its name or one of its aliases; None if there is none."""
         return self._index.get(name)
 
+    def model_changes(self, new: Config) -> tuple[list[str], list[str], list[str]]:
+        """(added, removed, changed) model names going from this config to `new` (a reload)."""
+        old = self.models
+        return ([n for n in new.models if n not in old], [n for n in old if n not in new.models],
+                [n for n, m in new.models.items() if n in old and old[n] != m])
+
     def effective_keep_alive(self, model: ModelConfig) -> float | None:
         """Seconds `model` stays loaded after use (None = never): its own or the gateway's."""
         if model.keep_alive is UNSET:
