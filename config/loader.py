@@ -197,7 +197,7 @@ _INIT_EXAMPLES = """\
   #   keep_alive: 10m
   #   pin: false
   #   max_batch: 16
-  #   max_queue: 64
+  #   max_queue: 512
   #   dtype: auto
   #   context_length: 8192
   # qwen2-vl-2b:

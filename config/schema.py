@@ -136,7 +136,7 @@ class GatewayConfig:
     request_timeout: float = 600.0
     queue_timeout: float = 120.0
     starvation_timeout: float = 10.0
-    max_queue: int = 256
+    max_queue: int = 1024
     max_body_bytes: int = 16 * 2**20
     remote_images: bool = True  # fetch http(s) image URLs for vlm models
     # Completion bound of a request that sends no max_tokens (cut to what the context window
@@ -163,7 +163,7 @@ class ModelConfig:
     keep_alive: float | None | _Unset = UNSET  # None = never expire; UNSET = gateway default
     pin: bool = False
     max_batch: int = 16
-    max_queue: int = 64
+    max_queue: int = 512
     dtype: str = "auto"
     context_length: int | None = None
     tool_parser: str = "auto"
@@ -202,6 +202,12 @@ class Config:
     def resolve(self, name: str) -> ModelConfig | None:
         """The model called `name`, by its name or one of its aliases; None if there is none."""
         return self._index.get(name)
+
+    def model_changes(self, new: Config) -> tuple[list[str], list[str], list[str]]:
+        """(added, removed, changed) model names going from this config to `new` (a reload)."""
+        old = self.models
+        return ([n for n in new.models if n not in old], [n for n in old if n not in new.models],
+                [n for n, m in new.models.items() if n in old and old[n] != m])
 
     def effective_keep_alive(self, model: ModelConfig) -> float | None:
         """Seconds `model` stays loaded after use (None = never): its own or the gateway's."""

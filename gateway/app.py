@@ -8,6 +8,7 @@ in-flight ones finish (bounded), workers stop, and it returns 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mlx_gw.config import Config
+from mlx_gw.config import Config, ConfigError, load_config
 from mlx_gw.gateway.errors import (
     BadRequest,
     GatewayError,
@@ -161,6 +162,28 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
+def reload_config(sup: Supervisor) -> bool:
+    """Re-read the config file the gateway started with (SIGHUP, `mlx-gw reload`) and serve its
+    models; an invalid file keeps the running config and logs why. Returns whether it applied."""
+    source = sup.config.source
+    if source is None:
+        log.warning("[reload] nothing to re-read: the gateway runs on the embedded defaults")
+        return False
+    try:
+        new = load_config(source)
+    except ConfigError as e:
+        log.error("[reload] %s is invalid; keeping the running config: %s", source, e)
+        return False
+    stale = [f.name for f in dataclasses.fields(new.gateway)
+             if getattr(new.gateway, f.name) != getattr(sup.config.gateway, f.name)]
+    added, removed, changed = sup.reload(new)
+    log.info("[reload] %s: added %s; removed %s; changed %s", source, ", ".join(added) or "none",
+             ", ".join(removed) or "none", ", ".join(changed) or "none")
+    if stale:
+        log.warning("[reload] gateway settings apply at restart: %s", ", ".join(stale))
+    return True
+
+
 async def serve(
     config: Config,
     *,
@@ -207,6 +230,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, app[SUPERVISOR])
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT_S)
     await app[SUPERVISOR].drain(DRAIN_TIMEOUT_S)

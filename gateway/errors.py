@@ -131,6 +131,13 @@ class TimedOut(Unavailable):
     code = "timeout"
 
 
+class ClientTooSlow(GatewayError):
+    """The request's reader fell too far behind its worker's output (a stalled client)."""
+    status = 408
+    type = "timeout_error"
+    code = "client_too_slow"
+
+
 # Worker protocol error codes -> the error class the client sees.
 WORKER_ERRORS: dict[str, type[GatewayError]] = {
     "invalid_request": BadRequest,
@@ -139,6 +146,7 @@ WORKER_ERRORS: dict[str, type[GatewayError]] = {
     "overloaded": QueueFull,
     "load_failed": LoadFailed,
     "internal": InternalError,
+    "client_too_slow": ClientTooSlow,  # set by the gateway's WorkerHandle, not the worker
 }
 
 

@@ -88,3 +88,17 @@ def test_every_bench_script_imports() -> None:
     assert {"__main__", "churn", "gateway_vs_inprocess", "targets"} <= set(names)
     for name in names:
         importlib.import_module(f"bench.{name}")
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    """`python -m bench.soak` end to end at a tiny size (the figures come from long runs, in
+    bench/RESULTS.md): mixed kinds over churning models, zero failed, nothing leaked."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--requests", "40", "--warmup", "20", "--clients",
+         "4", "--block", "20", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["requests"] == 40 and res["failed"] == [] and res["fds_leaked"] == {}
+    assert res["workers_after"] == res["workers_before"] and res["loads"] >= 2

@@ -164,6 +164,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the running gateway: it re-reads the config file it started with."""
+    st = read_state()
+    if not st:
+        print("mlx-gw is not running", file=sys.stderr)
+        return 1
+    psutil.Process(st["pid"]).send_signal(signal.SIGHUP)
+    print(f"mlx-gw (pid {st['pid']}) re-reads {st.get('config') or 'its config'}; "
+          "`mlx-gw logs` shows the outcome ([reload] lines)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = read_state()
     if not st:
@@ -251,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--foreground", action="store_true", help="run in this process")
     s.set_defaults(func=cmd_start)
     for name, func, text in (("stop", cmd_stop, "stop the gateway and its workers"),
+                             ("reload", cmd_reload, "re-read the config file (as SIGHUP does)"),
                              ("status", cmd_status, "is the gateway running?"),
                              ("ps", cmd_ps, "list loaded models")):
         sub.add_parser(name, help=text).set_defaults(func=func)

@@ -4,11 +4,20 @@
 HTTP error with its status), writes events and comments, and ends with `close` or `fail`:
 once the headers are out an error can only travel as a last event, which `fail` logs and
 counts against the request's metrics with the error's status.
+
+A client that reads slowly, or stops reading without closing, costs bounded memory: the
+transport buffers at most STREAM_BUFFER_CAP_BYTES (then aiohttp's write waits for it to drain),
+and a write that waits longer than STREAM_STALL_S ends the stream: the connection is aborted
+and `ClientTooSlow` unwinds the route like a disconnect, so the request is cancelled and its
+sequence leaves the worker's batch. Each stream is written by its own handler task, so one
+stalled writer never holds up the other streams of its batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 
 from aiohttp import web
 
@@ -18,6 +27,16 @@ from mlx_gw.gateway.routes import metrics
 log = logging.getLogger("mlxgw.http")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+
+# Bytes one stream may leave unsent in its transport before its writes wait; and how long a
+# write may wait (the buffer staying above the cap) before the request is cancelled.
+STREAM_BUFFER_CAP_BYTES = int(os.environ.get("MLX_GW_STREAM_BUFFER_CAP", str(256 * 1024)))
+STREAM_STALL_S = float(os.environ.get("MLX_GW_STREAM_STALL_TIMEOUT", "30"))
+
+
+class ClientTooSlow(ConnectionResetError):
+    """The client left its stream's buffer full for longer than STREAM_STALL_S. A
+    ConnectionResetError, so every route unwinds it as it does a vanished client."""
 
 
 class EventStream:
@@ -32,12 +51,30 @@ class EventStream:
 
     async def open(self) -> web.StreamResponse:
         if self.resp is None:
+            transport = self.request.transport
+            if transport is not None:  # the cap, not asyncio's 64 KiB default, bounds it
+                transport.set_write_buffer_limits(high=STREAM_BUFFER_CAP_BYTES)
             self.resp = web.StreamResponse(headers=self.headers)
             await self.resp.prepare(self.request)
         return self.resp
 
     async def write(self, data: bytes) -> None:
-        await (await self.open()).write(data)
+        """Write `data`; waits while the client is behind, at most STREAM_STALL_S, then aborts
+        the connection and raises ClientTooSlow."""
+        resp = await self.open()
+        try:
+            async with asyncio.timeout(STREAM_STALL_S):
+                await resp.write(data)
+        except TimeoutError:
+            transport = self.request.transport
+            unsent = transport.get_write_buffer_size() if transport is not None else 0
+            log.warning("[stream] %s %s from %s: the client left its stream over the buffer cap "
+                        "(%d bytes) for %.0fs, %d bytes unsent: request cancelled",
+                        self.request.method, self.request.path, self.request.remote,
+                        STREAM_BUFFER_CAP_BYTES, STREAM_STALL_S, unsent)
+            if transport is not None:
+                transport.abort()  # frees the buffered bytes now
+            raise ClientTooSlow("the client stopped reading its stream") from None
 
     async def comment(self, text: str) -> None:
         """An SSE comment: keeps proxies and clients from timing out while nothing happens."""

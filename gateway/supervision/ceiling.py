@@ -139,12 +139,13 @@ class Ceiling:
             settled = h.trim_asked_at is None or now - h.trim_asked_at >= TRIM_GRACE_S
             if settled and (h.trim_asked_at is None or h.cache.prompt_cache_bytes > 0):
                 keep = max(0, h.cache.prompt_cache_bytes - over)
-                if h.trim_cache(keep):
+                freed = h.trim_cache(keep)
+                if freed is not None:
                     log.info("[supervisor] resident memory %.0f MiB over the ceiling: asking "
                              "%s to shrink its prompt cache to %.0f MiB", over / MiB,
                              h.model.name, keep / MiB)
                     h.trim_asked_at = now
-                    over -= max(0, h.cache_before_trim - keep)
+                    over -= freed
                     waiting = True
             elif now - h.trim_asked_at < TRIM_GRACE_S:
                 waiting = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -65,6 +66,7 @@ class Supervisor:
         self.room = Ceiling(config.gateway, self._handles, lambda: self._change)
         self._spare: asyncio.Task[WorkerProcess] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._retired = itertools.count(1)  # keys of handles a reload replaced (still counted)
 
     async def start(self) -> None:
         """Background work: the reaper, the warm spare, and pinned models' loads."""
@@ -164,6 +166,8 @@ class Supervisor:
             yield h
         finally:
             h.leases.leave(lid)
+            if h.model is not self.config.models.get(h.model.name) and h.active == 0:
+                h.begin_stop("unload", reason="reload")  # its model left or changed
             if touch:
                 h.last_used = time.monotonic()
             if touch:
@@ -256,6 +260,29 @@ class Supervisor:
         if h.state is State.READY:
             self._touch(h)
         return h.status()
+
+    def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """Serve `config`'s models from now on (its gateway section applies at restart).
+        Added models are servable at once; a removed or changed model's worker stops once
+        idle (in-flight requests finish on it) and a changed one loads anew on next use.
+        Returns (added, removed, changed)."""
+        added, removed, changed = self.config.model_changes(config)
+        self.config = dataclasses.replace(config, gateway=self.config.gateway)
+        for name, h in self._handles.items():  # unchanged: the new (equal) config object
+            if h.model == self.config.models.get(name):
+                h.model = self.config.models[name]
+        for name in removed + changed:
+            h = self._handles.pop(name, None)
+            if h is not None and h.state not in (State.STOPPED, State.FAILED):
+                # Kept under another key, so the ceiling still counts its memory until it stops.
+                self._handles[f"{name}\0retired-{next(self._retired)}"] = h
+                if h.active == 0:
+                    h.begin_stop("unload", reason="reload")
+        for name in added + changed:
+            if (m := self.config.models[name]).pin:
+                self._tasks.append(asyncio.create_task(self._load_pinned(m)))
+        self._pulse()
+        return added, removed, changed
 
     # ------------------------------------------------------------------ processes
 
@@ -353,6 +380,10 @@ class Supervisor:
                 listener(event)
             except Exception:
                 log.exception("[supervisor] event listener failed")
+        if kind in ("crash", "unload", "evict", "expire") and \
+                self._handles.get(h.model.name) is not h:  # a handle a reload retired: gone
+            for key in [k for k, v in self._handles.items() if v is h]:
+                del self._handles[key]
         if kind in ("ready", "crash", "unload", "evict", "expire", "load_failed"):
             self._pulse()
         if kind in ("ready", "load_failed"):

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -39,13 +39,14 @@ log = logging.getLogger("mlxgw.supervisor")
 # (stopped, or stuck holding the GIL): it is killed. Long steps do not count: the worker's pulse
 # thread speaks while they run. MLX_GW_HEARTBEAT_TIMEOUT (seconds) overrides it.
 HEARTBEAT_TIMEOUT_S = float(os.environ.get("MLX_GW_HEARTBEAT_TIMEOUT", "60"))
+# Outputs one request may leave unread (its client stalled) before it is cancelled: bounded memory.
+PENDING_MAX_ITEMS = int(os.environ.get("MLX_GW_PENDING_MAX_ITEMS", "1024"))
 LOAD_RETRY_BASE_S = 1.0
 LOAD_RETRY_MAX_S = 30.0
 
 
-class _Died:
-    def __init__(self, why: str) -> None:
-        self.why = why
+class _Died(NamedTuple):
+    why: str
 
 
 EventSink = Callable[["WorkerHandle", str, dict[str, Any]], None]
@@ -91,7 +92,6 @@ class WorkerHandle:
         self.worker_in_flight = 0
         self.cache = p.Heartbeat(memory_bytes=0, in_flight=0)  # last prompt-cache figures
         self.trim_asked_at: float | None = None  # memory pressure: when the worker was asked
-        self.cache_before_trim = 0
         self.context_length = 0
         self.loaded_at: float | None = None
         self.last_used = time.monotonic()
@@ -213,17 +213,26 @@ class WorkerHandle:
                 return
             if isinstance(msg, p.Outputs):
                 for d in msg.items:
-                    q = self._pending.get(d.rid)
-                    if q is not None:
-                        q.put_nowait(d)
+                    self._deliver(wp, d.rid, d)
             elif isinstance(msg, p.Heartbeat):
                 self.memory_bytes = msg.memory_bytes
                 self.worker_in_flight = msg.in_flight
                 self.cache = msg
             elif isinstance(msg, _ROUTED):
-                q = self._pending.get(msg.rid)
-                if q is not None:
-                    q.put_nowait(msg)
+                self._deliver(wp, msg.rid, msg)
+
+    def _deliver(self, wp: WorkerProcess, rid: int, item: Any) -> None:
+        if (q := self._pending.get(rid)) is None:
+            return
+        if q.qsize() >= PENDING_MAX_ITEMS:  # its reader is stuck: drop its backlog, cancel it
+            log.warning("[worker:%s] request %d: %d outputs unread (client stalled): cancelled",
+                        self.model.name, rid, q.qsize())
+            for _ in range(q.qsize()):
+                q.get_nowait()
+            item = p.Error(rid=rid, code="client_too_slow", message="the client fell behind")
+            with contextlib.suppress(WorkerGone):
+                wp.send(p.Cancel(rid=rid))
+        q.put_nowait(item)
 
     async def _watch_exit(self, wp: WorkerProcess, reader: asyncio.Task[None]) -> None:
         await wp.wait_exit()
@@ -375,13 +384,12 @@ class WorkerHandle:
                 return item
         raise WorkerDied(f"the worker for model '{self.model.name}' sent no result")
 
-    # ------------------------------------------------------------------ reporting
-
     def _emit(self, kind: str, **details: Any) -> None:
         self._on_event(self, kind, details)
 
     def status(self) -> ModelStatus:
         resident = self.state in (State.STARTING, State.READY, State.DRAINING)
+        c = self.cache  # zeros once the process has gone (_watch_exit)
         return ModelStatus(
             name=self.model.name, type=self.model.type, aliases=tuple(self.model.aliases),
             state=self.state, pinned=self.pinned, pid=self.pid,
@@ -389,23 +397,21 @@ class WorkerHandle:
             in_flight=self.leases.in_batch, queued=self.leases.queued,
             worker_in_flight=self.worker_in_flight, context_length=self.context_length,
             loaded_at=self.loaded_at, error=self.error, blas=self.blas if resident else None,
-            prompt_cache_bytes=self.cache.prompt_cache_bytes if resident else 0,
-            prompt_cache_entries=self.cache.prompt_cache_entries if resident else 0,
-            prompt_cache_disk_bytes=self.cache.prompt_cache_disk_bytes if resident else 0)
+            prompt_cache_bytes=c.prompt_cache_bytes, prompt_cache_entries=c.prompt_cache_entries,
+            prompt_cache_disk_bytes=c.prompt_cache_disk_bytes)
 
-    def trim_cache(self, max_bytes: int) -> bool:
-        """Ask the worker to shrink its prompt cache to `max_bytes` and release MLX's buffer
-        cache; False when it is not running. `cache_before_trim` keeps what it held."""
-        if self._wp is None or self.state is not State.READY:
-            return False
+    def trim_cache(self, max_bytes: int) -> int | None:
+        """Shrink the worker's prompt cache to `max_bytes`, freeing MLX's buffer cache too;
+        returns the cache bytes that frees by its last report (None: not running)."""
         try:
+            if self._wp is None or self.state is not State.READY:
+                return None
             self._wp.send(p.TrimCache(max_bytes=max_bytes))
         except WorkerGone:
-            return False
-        self.cache_before_trim = self.cache.prompt_cache_bytes
-        held = min(self.cache.prompt_cache_bytes, max_bytes)
-        self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=held)
-        return True
+            return None
+        held = self.cache.prompt_cache_bytes
+        self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=min(held, max_bytes))
+        return max(0, held - max_bytes)
 
 
 _Request = p.Embed | p.Transcribe | p.Speak
