@@ -16,6 +16,19 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _leftovers(before: set[int]) -> list[psutil.Process]:
+    """Harness children still alive: new since `before` and run by this interpreter (other
+    checkouts' tests on a shared machine start gateways too, from their own venvs)."""
+    ours = ("-m bench.inprocess", "-m mlx_gw.gateway.cli", "-m mlx_gw.worker")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if p.pid not in before and argv and argv[0] == sys.executable \
+                and any(s in " ".join(argv) for s in ours):
+            found.append(p)
+    return found
+
+
 def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     before = {p.pid for p in psutil.process_iter()}
@@ -70,10 +83,7 @@ def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path
     for png in ("throughput.png", "latency.png", "open_loop.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The harness stopped everything it started.
-    ours = ("-m bench.inprocess", "-m mlx_gw.gateway.cli", "-m mlx_gw.worker")
-    leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-                and any(s in " ".join(p.info["cmdline"] or []) for s in ours)]
-    assert leftover == []
+    assert _leftovers(before) == []
 
 
 def test_every_bench_script_imports() -> None:
