@@ -86,6 +86,46 @@ def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path
     assert _leftovers(before) == []
 
 
+def test_bench_agent_turns_cache_on_and_off(tiny_dir: Path, tmp_path: Path) -> None:
+    """Issue 15's scenario, tiny: conversations whose history grows each turn, through the
+    gateway with its prompt cache on and off, then the no-hit check; the table and the JSON
+    carry the per-turn figures and the cache's reuse shows in them."""
+    out = tmp_path / "agent"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--agent-turns", "3", "--agent-conversations", "2",
+         "--agent-user-tokens", "24", "--agent-max-tokens", "4", "--agent-from-turn", "2",
+         "--agent-nohit-streams", "2", "--requests-per-stream", "1", "--max-tokens", "4",
+         "--prompt-tokens", "16", "--targets", "gateway", "gateway-nocache", "--reps", "1",
+         "--model-dir", str(tiny_dir / "tiny-0"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["targets"] == ["gateway", "gateway-nocache"] and res["notes"] == []
+    records = res["records"]
+    agent = [r for r in records if r["scenario"] == "agent"]
+    assert len(agent) == 2 * 2 * 3 and all(r["error"] == "" for r in agent)
+    assert sorted({r["turn"] for r in agent}) == [1, 2, 3]
+    # The no-hit check ran on both gateways: 2 streams x 1 request.
+    assert len([r for r in records if r["scenario"] == "closed"]) == 2 * 2
+    s = res["agent_summary"]
+    cell = {(c["target"], c["turn"]): c for c in s["turns"]}
+    assert set(cell) == {(t, n) for t in ("gateway", "gateway-nocache") for n in (1, 2, 3)}
+    for t in ("gateway", "gateway-nocache"):
+        assert all(cell[(t, n)]["ttft_p50_ms"] > 0 for n in (1, 2, 3))
+        # The history grows: each turn's prompt holds the last one's and its answer.
+        assert cell[(t, 1)]["prompt_tokens"] < cell[(t, 2)]["prompt_tokens"] \
+            < cell[(t, 3)]["prompt_tokens"]
+    # Reuse is visible: the cache-on gateway took turn 2's history from its cache.
+    assert cell[("gateway", 2)]["cached_tokens"] >= cell[("gateway", 1)]["prompt_tokens"] - 4
+    assert all(cell[("gateway-nocache", n)]["cached_tokens"] <= 0 for n in (1, 2, 3))
+    assert s["late"]["gateway-nocache"]["gateway_ratio"] > 0
+    assert len(res["runs"]) == 4 and all(r["loadavg"] >= 0 for r in res["runs"])
+    assert "gateway ÷ gateway-nocache (p50)" in proc.stdout
+    assert "| 3 | " in proc.stdout and "turns >= 2: gateway-nocache TTFT p50" in proc.stdout
+    assert _leftovers(before) == []
+
+
 def test_every_bench_script_imports() -> None:
     """The scripts outside this test share helpers; a helper renamed in one place must not
     leave another script unable to start (it happened: bench.churn imported a removed name)."""
