@@ -50,7 +50,7 @@ from bench.workload import Item, Span, arrivals, build
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 ALL_TARGETS = ["gateway", "gateway-nocache", "in-process", "mlx_lm.server", "llama.cpp",
-               "vllm-mlx", "mlx-serve", "mlx-openai-server", "url"]
+               "vllm-mlx", "mlx-serve", "url"]
 AGENT_TARGETS = ["gateway", "gateway-nocache", "mlx_lm.server"]
 AGENT_CACHE_BYTES = 2 * 2**30  # 4 conversations of ~4,400 f32 SmolLM2 tokens: ~0.8 GB of KV
 WARMUP_TOKENS = 4
@@ -222,9 +222,6 @@ async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Nam
     if name == "mlx-serve":
         return await stack.enter_async_context(T.mlx_serve(
             args.peer_venv, model_dir, out / "mlx_serve.log", env, extra))
-    if name == "mlx-openai-server":
-        return await stack.enter_async_context(T.mlx_openai_server(
-            args.peer_venv, model_dir, max_batch, out / "mlx_openai_server.log", env, extra))
     if name == "url":
         if not args.url:
             raise RuntimeError("--url is required for the url target")
