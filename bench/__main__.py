@@ -33,6 +33,7 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable
@@ -234,6 +235,11 @@ async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Nam
 async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from mlx_gw.gateway.supervision.blas import fast_blas_env
 
+    # SIGTERM cancels the run, so the exit stack stops every target (each runs in its own
+    # session and would outlive a killed harness); results.json keeps what was measured.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     model_dir, gguf, may_stop = _model(args)
     env = {**os.environ, **fast_blas_env()}
     if args.threads:
@@ -449,7 +455,10 @@ def main() -> None:
     out = args.out or OUT_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     out = out.resolve()  # the mix scenario links model dirs under it
     out.mkdir(parents=True, exist_ok=True)
-    res = asyncio.run(run(args, out))
+    try:
+        res = asyncio.run(run(args, out))
+    except asyncio.CancelledError:  # SIGTERM: the targets are stopped, results.json kept
+        sys.exit(f"stopped by SIGTERM; what was measured is in {out / 'results.json'}")
     print(_write(res, out))
     print(f"results: {out} ({res['total_s']:.0f} s)")
 
