@@ -38,6 +38,8 @@ class Record:
     completion_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    turn: int = -1  # the agent scenario: the turn of its conversation (0-based)
+    cached_tokens: int = -1  # usage.prompt_tokens_details.cached_tokens, where reported
 
     @property
     def tpot_s(self) -> float:
@@ -60,9 +62,11 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
 
 
 async def complete(session: aiohttp.ClientSession, base_url: str, rec: Record,
-                   body: dict[str, Any], t0: float) -> Record:
+                   body: dict[str, Any], t0: float, text: list[str] | None = None) -> Record:
     """POST `body` (a streaming completion) to `base_url`/completions (or /chat/completions)
-    and fill in `rec`. `t0` is the run's start (perf_counter) `rec.start_s` is measured from."""
+    and fill in `rec`. `t0` is the run's start (perf_counter) `rec.start_s` is measured from.
+    The generated text's pieces are appended to `text` when one is given (the agent scenario
+    sends each answer back as the next turn's history)."""
     chat = "messages" in body
     start = time.perf_counter()
     rec.start_s = start - t0
@@ -82,9 +86,14 @@ async def complete(session: aiohttp.ClientSession, base_url: str, rec: Record,
                 if usage:
                     rec.prompt_tokens = usage.get("prompt_tokens", -1)
                     rec.completion_tokens = usage.get("completion_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    rec.cached_tokens = details.get("cached_tokens", -1)
                 choices = chunk.get("choices") or ()
-                if any((c.get("delta") or {}).get("content") if chat else c.get("text")
-                       for c in choices):
+                pieces = [(c.get("delta") or {}).get("content") if chat else c.get("text")
+                          for c in choices]
+                if text is not None:
+                    text += [p for p in pieces if p]
+                if any(pieces):
                     now = time.perf_counter()
                     if chunks == 0:
                         rec.ttft_s = now - start

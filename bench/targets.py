@@ -180,13 +180,17 @@ async def server(name: str, argv: list[str], ready_path: str, port: int, log: Pa
 @contextlib.asynccontextmanager
 async def gateway(name: str, models: dict[str, Path], log: Path, env: dict[str, str],
                   extra: dict[str, Any], max_batch: int, dtype: str | None,
-                  max_loaded: int | None = None) -> AsyncIterator[HttpTarget]:
+                  max_loaded: int | None = None, prompt_cache_bytes: int | None = None
+                  ) -> AsyncIterator[HttpTarget]:
     """`mlx-gw start --foreground` serving `models` (name -> dir); the models load before the
-    target is handed out, except under `max_loaded` (the mix scenario loads on demand)."""
+    target is handed out, except under `max_loaded` (the mix scenario loads on demand).
+    `prompt_cache_bytes`: each model's prompt cache budget (0: off; None: the default)."""
     home = Path(tempfile.mkdtemp(prefix="mlxgw-bench-"))
     gw = {"port": 0, **({"max_loaded_models": max_loaded} if max_loaded else {})}
     spec = {"type": "llm", "max_batch": max_batch, "keep_alive": -1,
-            **({"dtype": dtype} if dtype else {})}
+            **({"dtype": dtype} if dtype else {}),
+            **({"prompt_cache": {"max_bytes": prompt_cache_bytes}}
+               if prompt_cache_bytes is not None else {})}
     config = {"gateway": gw, "models": {m: {**spec, "path": str(p)} for m, p in models.items()}}
     (home / "models.yaml").write_text(json.dumps(config))  # JSON is YAML 1.2
     port = free_port()

@@ -16,6 +16,19 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _leftovers(before: set[int]) -> list[psutil.Process]:
+    """Harness children still alive: new since `before` and run by this interpreter (other
+    checkouts' tests on a shared machine start gateways too, from their own venvs)."""
+    ours = ("-m bench.inprocess", "-m mlx_gw.gateway.cli", "-m mlx_gw.worker")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if p.pid not in before and argv and argv[0] == sys.executable \
+                and any(s in " ".join(argv) for s in ours):
+            found.append(p)
+    return found
+
+
 def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     before = {p.pid for p in psutil.process_iter()}
@@ -70,13 +83,47 @@ def test_bench_runs_gateway_and_in_process_side_by_side(tiny_dir: Path, tmp_path
     for png in ("throughput.png", "latency.png", "open_loop.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The harness stopped everything it started.
-    # (Counted among this interpreter's processes only: another checkout's tests running on
-    # the same machine start gateways and workers too.)
-    ours = ("-m bench.inprocess", "-m mlx_gw.gateway.cli", "-m mlx_gw.worker")
-    leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-                and (p.info["cmdline"] or [""])[0] == sys.executable
-                and any(s in " ".join(p.info["cmdline"] or []) for s in ours)]
-    assert leftover == []
+    assert _leftovers(before) == []
+
+
+def test_bench_agent_turns_cache_on_and_off(tiny_dir: Path, tmp_path: Path) -> None:
+    """Issue 15's scenario, tiny: conversations whose history grows each turn, through the
+    gateway with its prompt cache on and off, then the no-hit check; the table and the JSON
+    carry the per-turn figures and the cache's reuse shows in them."""
+    out = tmp_path / "agent"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--agent-turns", "3", "--agent-conversations", "2",
+         "--agent-user-tokens", "24", "--agent-max-tokens", "4", "--agent-from-turn", "2",
+         "--agent-nohit-streams", "2", "--requests-per-stream", "1", "--max-tokens", "4",
+         "--prompt-tokens", "16", "--targets", "gateway", "gateway-nocache", "--reps", "1",
+         "--model-dir", str(tiny_dir / "tiny-0"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["targets"] == ["gateway", "gateway-nocache"] and res["notes"] == []
+    records = res["records"]
+    agent = [r for r in records if r["scenario"] == "agent"]
+    assert len(agent) == 2 * 2 * 3 and all(r["error"] == "" for r in agent)
+    assert sorted({r["turn"] for r in agent}) == [1, 2, 3]
+    # The no-hit check ran on both gateways: 2 streams x 1 request.
+    assert len([r for r in records if r["scenario"] == "closed"]) == 2 * 2
+    s = res["agent_summary"]
+    cell = {(c["target"], c["turn"]): c for c in s["turns"]}
+    assert set(cell) == {(t, n) for t in ("gateway", "gateway-nocache") for n in (1, 2, 3)}
+    for t in ("gateway", "gateway-nocache"):
+        assert all(cell[(t, n)]["ttft_p50_ms"] > 0 for n in (1, 2, 3))
+        # The history grows: each turn's prompt holds the last one's and its answer.
+        assert cell[(t, 1)]["prompt_tokens"] < cell[(t, 2)]["prompt_tokens"] \
+            < cell[(t, 3)]["prompt_tokens"]
+    # Reuse is visible: the cache-on gateway took turn 2's history from its cache.
+    assert cell[("gateway", 2)]["cached_tokens"] >= cell[("gateway", 1)]["prompt_tokens"] - 4
+    assert all(cell[("gateway-nocache", n)]["cached_tokens"] <= 0 for n in (1, 2, 3))
+    assert s["late"]["gateway-nocache"]["gateway_ratio"] > 0
+    assert len(res["runs"]) == 4 and all(r["loadavg"] >= 0 for r in res["runs"])
+    assert "gateway ÷ gateway-nocache (p50)" in proc.stdout
+    assert "| 3 | " in proc.stdout and "turns >= 2: gateway-nocache TTFT p50" in proc.stdout
+    assert _leftovers(before) == []
 
 
 def test_every_bench_script_imports() -> None:
