@@ -185,22 +185,23 @@ def test_kv_bits_8_batches_caches_and_answers_sensibly(start_gateway: Any) -> No
         return c.chat.completions.create(model=name, messages=msgs, temperature=0,
                                          max_tokens=12)
 
+    def held(name: str) -> int:
+        """The cache's bytes once a heartbeat reports its one entry."""
+        row = next((m for m in g.ps() if m["name"] == name), None)
+        return row["prompt_cache_bytes"] if row and row["prompt_cache_entries"] == 1 else 0
+
+    # The same single request to each: their one cache entry holds the same tokens.
+    chat("q8", other)
+    chat("f32", other)
+    q8 = wait_for(lambda: held("q8"), what="q8's cache entry")
+    f32 = wait_for(lambda: held("f32"), what="f32's cache entry")
+    assert q8 / f32 < 0.35, (q8, f32)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = list(pool.map(lambda m: chat("q8", m), [ask, other, ask]))
     assert "Paris" in first[0].choices[0].message.content
     again = chat("q8", ask)
     assert "Paris" in again.choices[0].message.content
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
-    chat("f32", ask)
-    chat("f32", other)
-
-    def held(name: str) -> int:
-        row = next((m for m in g.ps() if m["name"] == name), None)
-        return row["prompt_cache_bytes"] if row else 0
-
-    q8 = wait_for(lambda: held("q8"), what="q8's cache bytes")
-    f32 = wait_for(lambda: held("f32"), what="f32's cache bytes")
-    assert q8 / f32 < 0.35, (q8, f32)
 
 
 def test_memory_pressure_shrinks_the_cache_before_evicting(tmp_path: Path,
