@@ -171,6 +171,16 @@ def check_number(value: object, key: str, *, low: float, high: float) -> float:
     return float(value)
 
 
+def check_known_keys(value: dict[Any, Any], key: str, valid: tuple[str, ...]) -> None:
+    """A nested mapping's keys: each one of `valid`, else an error with a did-you-mean."""
+    for name in value:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
+                              fix=f"{hint}Valid keys here: {', '.join(valid)}")
+
+
 def check_sampling(value: object, key: str) -> Any:
     """A model's `sampling:` mapping: temperature, top_p, top_k, min_p, each optional."""
     from mlx_gw.config.schema import SAMPLING_KEYS, SamplingConfig
@@ -187,13 +197,9 @@ def check_sampling(value: object, key: str) -> Any:
         "top_k": lambda v, k: check_int(v, k, low=0),
         "min_p": lambda v, k: check_number(v, k, low=0.0, high=1.0),
     }
+    check_known_keys(value, key, SAMPLING_KEYS)
     values = {}
     for name, raw in value.items():
-        if name not in SAMPLING_KEYS:
-            close = difflib.get_close_matches(str(name), SAMPLING_KEYS, n=1, cutoff=0.6)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
-                              fix=f"{hint}Valid keys here: {', '.join(SAMPLING_KEYS)}")
         values[name] = None if raw is None else checks[name](raw, f"{key}.{name}")
     return SamplingConfig(**values)
 
@@ -207,12 +213,7 @@ def check_prompt_cache(value: object, key: str) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"expected a mapping, got {describe(value)}", key=key,
                           fix="write e.g. `prompt_cache: {max_bytes: 1GB}`")
-    for name in value:
-        if name not in keys:
-            close = difflib.get_close_matches(str(name), keys, n=1, cutoff=0.6)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            raise ConfigError(f"unknown key `{name}`", key=f"{key}.{name}",
-                              fix=f"{hint}Valid keys here: {', '.join(keys)}")
+    check_known_keys(value, key, keys)
     raw = value.get("max_bytes")
     max_bytes = None if raw is None else 0 if raw == 0 else check_size(raw, f"{key}.max_bytes")
     disk = value.get("disk")
