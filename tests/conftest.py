@@ -186,14 +186,20 @@ def tiny_config(tiny_dir: Path, n: int = 2, **gateway: Any) -> dict[str, Any]:
     return {"gateway": {"port": 0, **gateway}, "models": models}
 
 
-@pytest.fixture(scope="module")
-def gateway(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
-    """One gateway with two tiny models, shared by a test module."""
-    gw = GatewayProc(tiny_config(tiny_dir), tmp_path_factory.mktemp("gw"))
+def serving(config: dict[str, Any] | None, workdir: Path) -> Iterator[GatewayProc]:
+    """A module's shared gateway, for `yield from` in a fixture: started, handed out, then
+    stopped, asserting that no worker it ever had outlives it."""
+    gw = GatewayProc(config, workdir)
     yield gw
     gw.workers()
     gw.stop()
     assert_gone(gw.seen_workers)
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    """One gateway with two tiny models, shared by a test module."""
+    yield from serving(tiny_config(tiny_dir), tmp_path_factory.mktemp("gw"))
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> Any:

@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.conftest import GatewayProc, assert_gone
+from tests.conftest import GatewayProc, serving
 from tests.test_tools import build_tool_model
 
 anthropic = pytest.importorskip("anthropic")
@@ -34,11 +34,7 @@ def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
     config = {"gateway": {"port": 0, "api_key": KEY}, "models": {
         "tools": {"type": "llm", "path": str(build_tool_model(models / "tools")),
                   "aliases": ["claude-local"]}}}
-    gw = GatewayProc(config, tmp_path_factory.mktemp("gw-anthropic"))
-    yield gw
-    gw.workers()
-    gw.stop()
-    assert_gone(gw.seen_workers)
+    yield from serving(config, tmp_path_factory.mktemp("gw-anthropic"))
 
 
 def client(gw: GatewayProc, key: str = KEY) -> anthropic.Anthropic:

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayProc, assert_gone
+from tests.conftest import GatewayProc, serving
 from tests.test_tools import build_tool_model
 
 OPEN_TOOL = {"type": "function", "function": {  # as SDKs write them: no additionalProperties
@@ -49,11 +49,7 @@ def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
                                 "sampling": {"temperature": 0}},
                   "tools": {"type": "llm", "path": str(build_tool_model(models / "tools"))},
               }}
-    gw = GatewayProc(config, tmp_path_factory.mktemp("gw-defaults"))
-    yield gw
-    gw.workers()
-    gw.stop()
-    assert_gone(gw.seen_workers)
+    yield from serving(config, tmp_path_factory.mktemp("gw-defaults"))
 
 
 def chat(gw: GatewayProc, **body: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import GatewayProc, assert_gone, wait_for
+from tests.conftest import GatewayProc, serving, wait_for
 from tests.test_tools import build_thinking_model, build_tool_model
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -51,11 +51,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
         "thinker": {"type": "llm", "path": str(build_thinking_model(models / "thinker")),
                     "reasoning_parser": ["<think>", "</think>"]},
     }}
-    gw = GatewayProc(config, tmp_path_factory.mktemp("gw-responses"))
-    yield gw
-    gw.workers()
-    gw.stop()
-    assert_gone(gw.seen_workers)
+    yield from serving(config, tmp_path_factory.mktemp("gw-responses"))
 
 
 def client(gw: GatewayProc) -> openai.OpenAI:

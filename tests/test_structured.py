@@ -20,7 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import GatewayProc, assert_gone, tiny_config
+from tests.conftest import GatewayProc, serving, tiny_config
 
 SCHEMA = {
     "type": "object",
@@ -40,11 +40,7 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 
 @pytest.fixture(scope="module")
 def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
-    gw = GatewayProc(tiny_config(tiny_dir, n=1), tmp_path_factory.mktemp("gw-structured"))
-    yield gw
-    gw.workers()
-    gw.stop()
-    assert_gone(gw.seen_workers)
+    yield from serving(tiny_config(tiny_dir, n=1), tmp_path_factory.mktemp("gw-structured"))
 
 
 def client(gw: GatewayProc) -> openai.OpenAI:

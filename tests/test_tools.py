@@ -23,7 +23,7 @@ import pytest
 
 from mlx_gw.gateway.translate.chat_stream import ChoiceParser
 from mlx_gw.worker.protocol import Delta
-from tests.conftest import GatewayProc, assert_gone
+from tests.conftest import GatewayProc, serving
 from tests.tiny_models import build_tiny_llama
 
 # A Qwen 2.5-style template: renders tools, assistant tool calls and tool results.
@@ -204,11 +204,7 @@ def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
         "thinker": {"type": "llm", "path": str(build_thinking_model(models / "thinker")),
                     "reasoning_parser": ["<think>", "</think>"]},
     }}
-    gw = GatewayProc(config, tmp_path_factory.mktemp("gw-tools"))
-    yield gw
-    gw.workers()
-    gw.stop()
-    assert_gone(gw.seen_workers)
+    yield from serving(config, tmp_path_factory.mktemp("gw-tools"))
 
 
 def client(gw: GatewayProc) -> openai.OpenAI:
