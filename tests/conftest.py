@@ -150,6 +150,13 @@ class GatewayProc:
         return self.log_path.read_text(errors="replace")
 
 
+def _zombie(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def assert_gone(pids: set[int], timeout: float = 5.0) -> None:
     procs = []
     for pid in pids:
@@ -158,6 +165,7 @@ def assert_gone(pids: set[int], timeout: float = 5.0) -> None:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = [p for p in alive if not _zombie(p)]  # exited; init has yet to reap it
     for p in alive:
         p.kill()
     assert not alive, f"worker processes outlived their gateway: {[p.pid for p in alive]}"

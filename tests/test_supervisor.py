@@ -162,15 +162,26 @@ def test_worker_sigkill_mid_stream_ends_stream_and_restarts(start_gateway, tiny_
     assert events(gw, "restart")
 
 
+def first_tokens(gw: GatewayProc, model: str) -> float:
+    """Requests of `model` that have had their first token (the TTFT histogram's count)."""
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(f'mlxgw_time_to_first_token_seconds_count{{model="{model}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_non_stream_request_gets_502_when_its_worker_dies(start_gateway, tiny_dir) -> None:
+    """Once tokens have come back, a death ends the request (a request with no answer yet
+    is retried instead: tests/test_faults.py)."""
     gw = start_gateway({"models": models(tiny_dir, 1, long=True)})
     chat(gw, "m0")
     pid = loaded(gw)["m0"]["pid"]
+    answered = first_tokens(gw, "m0")
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(httpx.post, gw.url + "/v1/chat/completions", timeout=60,
                           json={"model": "m0", "messages": MSG, "max_tokens": LONG,
                                 "ignore_eos": True})
-        wait_for(lambda: loaded(gw)["m0"]["worker_in_flight"] == 1, what="request in flight")
+        wait_for(lambda: first_tokens(gw, "m0") > answered, what="the request's first token")
         psutil.Process(pid).kill()
         r = fut.result()
     assert r.status_code == 502 and r.json()["error"]["code"] == "worker_died"

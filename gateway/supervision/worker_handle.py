@@ -1,29 +1,31 @@
 """One model's worker, as the gateway sees it: state machine, pending requests, death detection.
 
 `ensure_ready()` is the only way to get a ready worker: it decides inside the state machine
-whether a load is needed, so concurrent callers share one load. `stream()` multiplexes a request
-over the worker's socket pair and yields its deltas. A reader task fans worker output out to
-per-request queues; an exit watcher fails every pending request the moment the process dies;
-a worker silent for longer than the heartbeat timeout is killed (and so fails the same way).
+whether a load is needed, so concurrent callers share one load. Requests go through the
+methods of `Exchange` (exchange.py). A reader task fans worker output out to per-request queues
+(`Inbox`); an exit watcher fails every pending request the moment the process dies; a worker
+silent for longer than the heartbeat timeout is killed (and so fails the same way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from mlx_gw.config import ModelConfig
-from mlx_gw.gateway.errors import GatewayError, LoadFailed, TimedOut, WorkerDied, from_worker
+from mlx_gw.gateway.errors import GatewayError, LoadFailed
 from mlx_gw.gateway.supervision import blas
+from mlx_gw.gateway.supervision.exchange import ROUTED, Exchange
+from mlx_gw.gateway.supervision.inbox import Inbox
 from mlx_gw.gateway.supervision.leases import Leases
+from mlx_gw.gateway.supervision.load_message import load_message
 from mlx_gw.gateway.supervision.status import ModelStatus, State
 from mlx_gw.gateway.supervision.worker_process import (
     LoadRefused,
@@ -39,14 +41,8 @@ log = logging.getLogger("mlxgw.supervisor")
 # (stopped, or stuck holding the GIL): it is killed. Long steps do not count: the worker's pulse
 # thread speaks while they run. MLX_GW_HEARTBEAT_TIMEOUT (seconds) overrides it.
 HEARTBEAT_TIMEOUT_S = float(os.environ.get("MLX_GW_HEARTBEAT_TIMEOUT", "60"))
-# Outputs one request may leave unread (its client stalled) before it is cancelled: bounded memory.
-PENDING_MAX_ITEMS = int(os.environ.get("MLX_GW_PENDING_MAX_ITEMS", "1024"))
 LOAD_RETRY_BASE_S = 1.0
 LOAD_RETRY_MAX_S = 30.0
-
-
-class _Died(NamedTuple):
-    why: str
 
 
 EventSink = Callable[["WorkerHandle", str, dict[str, Any]], None]
@@ -54,7 +50,7 @@ ProcessSource = Callable[[str], Awaitable[WorkerProcess]]
 Admission = Callable[["WorkerHandle"], Awaitable[None]]
 
 
-class WorkerHandle:
+class WorkerHandle(Exchange):
     def __init__(
         self,
         model: ModelConfig,
@@ -76,8 +72,8 @@ class WorkerHandle:
         self._memory_limit_bytes = memory_limit_bytes
         self._on_event = on_event
         self._wp: WorkerProcess | None = None
-        self._pending: dict[int, asyncio.Queue[p.Delta | p.Error | _Died | _Result]] = {}
-        self._rids = itertools.count(1)
+        self._inbox = Inbox(model.name)
+        self._watcher: asyncio.Task[None] | None = None  # the current process's exit watcher
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -155,17 +151,7 @@ class WorkerHandle:
             async with asyncio.timeout(self._load_timeout_s):
                 wp = await self._get_process(name)
                 wp.label = name
-                wp.send(p.Load(
-                    name=name, type=self.model.type, path=self.model.path,
-                    dtype=self.model.dtype, max_batch=self.model.max_batch,
-                    context_length=self.model.context_length,
-                    memory_limit_bytes=self._memory_limit_bytes,
-                    prompt_cache_bytes=self.model.prompt_cache.max_bytes,
-                    prompt_cache_disk=self.model.prompt_cache.disk or "",
-                    prompt_cache_disk_bytes=self.model.prompt_cache.disk_max_bytes,
-                    warm_prompts=list(self.model.warm_prompts),
-                    kv_bits=self.model.kv_bits or 0, kv_group_size=self.model.kv_group_size,
-                ))
+                wp.send(load_message(self.model, memory_limit_bytes=self._memory_limit_bytes))
                 ready = await wp.await_ready()
         except (WorkerGone, TimeoutError, LoadRefused) as e:
             why = (f"loading took longer than load_timeout ({self._load_timeout_s:.0f}s)"
@@ -197,7 +183,8 @@ class WorkerHandle:
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         reader = asyncio.create_task(self._read(wp))
-        self._tasks = [reader, asyncio.create_task(self._watch_exit(wp, reader))]
+        self._watcher = asyncio.create_task(self._watch_exit(wp, reader))
+        self._tasks = [reader, self._watcher]
         self.state = State.READY
         self._emit("ready", duration_s=round(time.monotonic() - t0, 3), pid=wp.pid,
                    memory_bytes=ready.memory_bytes, device=ready.device, blas=self.blas)
@@ -218,28 +205,19 @@ class WorkerHandle:
                 self.memory_bytes = msg.memory_bytes
                 self.worker_in_flight = msg.in_flight
                 self.cache = msg
-            elif isinstance(msg, _ROUTED):
+            elif isinstance(msg, ROUTED):
                 self._deliver(wp, msg.rid, msg)
 
     def _deliver(self, wp: WorkerProcess, rid: int, item: Any) -> None:
-        if (q := self._pending.get(rid)) is None:
-            return
-        if q.qsize() >= PENDING_MAX_ITEMS:  # its reader is stuck: drop its backlog, cancel it
-            log.warning("[worker:%s] request %d: %d outputs unread (client stalled): cancelled",
-                        self.model.name, rid, q.qsize())
-            for _ in range(q.qsize()):
-                q.get_nowait()
-            item = p.Error(rid=rid, code="client_too_slow", message="the client fell behind")
+        if not self._inbox.deliver(rid, item):  # its client stalled: cancelled
             with contextlib.suppress(WorkerGone):
                 wp.send(p.Cancel(rid=rid))
-        q.put_nowait(item)
 
     async def _watch_exit(self, wp: WorkerProcess, reader: asyncio.Task[None]) -> None:
         await wp.wait_exit()
         reader.cancel()
         why = f"the worker for model '{self.model.name}' {wp.exit_description()}"
-        for q in self._pending.values():
-            q.put_nowait(_Died(why))
+        self._inbox.fail_all(why)
         wp.close()
         self._wp = None
         self.memory_bytes = 0
@@ -290,100 +268,6 @@ class WorkerHandle:
             self._stopping = True
             self._wp.kill()
 
-    # ------------------------------------------------------------------ requests
-
-    async def stream(
-        self,
-        gen: p.Generate,
-        *,
-        deadline: float | None = None,
-        observe: Callable[[p.Delta], None] | None = None,
-    ) -> AsyncIterator[p.Delta]:
-        """Send one request and yield its deltas until the one with a finish_reason.
-
-        `observe` sees each delta as it arrives (request metrics: first token, inter-token
-        latency, token counts). Raises as `_exchange`."""
-        async with contextlib.aclosing(
-            self._exchange(gen, deadline, lambda d: d.finish_reason is not None)
-        ) as items:
-            async for item in items:
-                if observe is not None:
-                    observe(item)
-                yield item
-
-    async def results(self, req: _Request, *, deadline: float | None = None
-                      ) -> AsyncIterator[_Result]:
-        """Send a non-text request (Embed, Transcribe, Speak) and yield its result messages
-        until the last one (every result is final except an AudioChunk with final=False).
-        Raises as `_exchange`."""
-        async with contextlib.aclosing(
-            self._exchange(req, deadline, lambda r: getattr(r, "final", True), p.RESULTS)
-        ) as items:
-            async for item in items:
-                yield item
-
-    async def _exchange(
-        self,
-        msg: Any,
-        deadline: float | None,
-        is_last: Callable[[Any], bool],
-        kinds: type | tuple[type, ...] | None = None,
-    ) -> AsyncIterator[Any]:
-        """Send `msg` under a fresh request id and yield what the worker answers for it (of
-        `kinds`, when given) until `is_last`. Raises the mapped GatewayError when the worker
-        refuses it, WorkerDied when the process dies meanwhile, TimedOut past `deadline`
-        (monotonic; None: request_timeout from now). Leaving early sends Cancel."""
-        if deadline is None:
-            deadline = time.monotonic() + self.request_timeout_s
-        rid = next(self._rids)
-        msg.rid = rid
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._pending[rid] = q
-        finished = False
-        tokens = 0  # generated so far, for the deadline's log line
-        try:
-            wp = self._wp
-            if wp is None or self.state is not State.READY:
-                raise WorkerDied(f"the worker for model '{self.model.name}' is not running")
-            try:
-                wp.send(msg)
-            except WorkerGone as e:
-                raise WorkerDied(f"the worker for model '{self.model.name}': {e}") from None
-            while not finished:
-                try:
-                    item = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    log.warning("[worker:%s] request %d hit its deadline (request_timeout "
-                                "%.0fs) after %d generated tokens: cancelled", self.model.name,
-                                rid, self.request_timeout_s, tokens)
-                    raise TimedOut("the request exceeded its deadline (request_timeout)",
-                                   retry_after=5) from None
-                if isinstance(item, p.Error):
-                    finished = True
-                    raise from_worker(item.code, item.message)
-                if isinstance(item, _Died):
-                    finished = True
-                    raise WorkerDied(item.why)
-                if kinds is not None and not isinstance(item, kinds):
-                    continue
-                finished = is_last(item)
-                tokens = getattr(item, "completion_tokens", tokens)
-                yield item
-        finally:
-            self._pending.pop(rid, None)
-            if not finished and self._wp is not None:
-                try:
-                    self._wp.send(p.Cancel(rid=rid))
-                except WorkerGone:
-                    pass
-
-    async def call(self, req: _Request, *, deadline: float | None = None) -> _Result:
-        """A one-shot request (Embed, Transcribe): its single result. Raises as `results()`."""
-        async with contextlib.aclosing(self.results(req, deadline=deadline)) as answers:
-            async for item in answers:
-                return item
-        raise WorkerDied(f"the worker for model '{self.model.name}' sent no result")
-
     def _emit(self, kind: str, **details: Any) -> None:
         self._on_event(self, kind, details)
 
@@ -412,8 +296,3 @@ class WorkerHandle:
         held = self.cache.prompt_cache_bytes
         self.cache = msgspec.structs.replace(self.cache, prompt_cache_bytes=min(held, max_bytes))
         return max(0, held - max_bytes)
-
-
-_Request = p.Embed | p.Transcribe | p.Speak
-_Result = p.Embeddings | p.Transcription | p.AudioChunk
-_ROUTED = (p.Error, *p.RESULTS)  # worker messages delivered to one request's queue by rid

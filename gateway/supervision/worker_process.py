@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import zmq
@@ -25,6 +26,10 @@ from mlx_gw.worker import protocol as p
 log = logging.getLogger("mlxgw.worker")
 
 STDERR_TAIL_LINES = 40
+# A worker's stderr lines logged per second (and in a burst) before the rest are counted, not
+# logged: a library that warns in a loop must not fill the gateway's log and disk.
+STDERR_LINES_PER_S = 20.0
+STDERR_BURST = 200.0
 _ids = itertools.count(1)
 
 
@@ -84,10 +89,35 @@ class WorkerProcess:
 
     async def _relay_stderr(self) -> None:
         assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
+        allowance, at, dropped = STDERR_BURST, time.monotonic(), 0
+        while True:
+            try:
+                line = await self.proc.stderr.readline()
+            except ValueError:  # a line past the reader's 64 KiB limit (asyncio dropped it)
+                line = b"<a line longer than 64 KiB, not shown>\n"
+            if not line:
+                break
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
+            now = time.monotonic()
+            allowance = min(STDERR_BURST, allowance + (now - at) * STDERR_LINES_PER_S)
+            at = now
+            if allowance < 1.0:
+                if not dropped:
+                    log.warning("[worker:%s pid=%d] writes more than %.0f lines/s to stderr: "
+                                "counting, not logging, the rest", self.label, self.pid,
+                                STDERR_LINES_PER_S)
+                dropped += 1
+                continue
+            allowance -= 1.0
+            if dropped:
+                log.warning("[worker:%s pid=%d] %d stderr lines not logged (more than %.0f/s)",
+                            self.label, self.pid, dropped, STDERR_LINES_PER_S)
+                dropped = 0
             log.info("[worker:%s pid=%d] %s", self.label, self.pid, text)
+        if dropped:
+            log.warning("[worker:%s pid=%d] %d stderr lines not logged (more than %.0f/s)",
+                        self.label, self.pid, dropped, STDERR_LINES_PER_S)
 
     @property
     def returncode(self) -> int | None:
