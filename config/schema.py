@@ -120,6 +120,17 @@ def total_memory_bytes() -> int:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One entry of `gateway.api_keys`: the key, the models it may use (empty: every model,
+    and the management routes too) and its request rate (0: unbounded)."""
+
+    key: str
+    name: str = ""  # shown in logs instead of the key
+    models: tuple[str, ...] = ()
+    requests_per_minute: int = 0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The `gateway:` section. Durations are seconds; sizes are bytes."""
 
@@ -130,6 +141,9 @@ class GatewayConfig:
     default_keep_alive: float | None = 300.0  # None = never expire
     max_loaded_models: int = 0  # 0 = bounded by memory only
     api_key: str | None = None
+    api_keys: tuple[ApiKey, ...] = ()
+    allow_unauthenticated: bool = False  # serve beyond loopback with no key (told explicitly)
+    allow_pull: bool | None = None  # None: on when listening on loopback only
     cors_origins: tuple[str, ...] = ()
     warm_spare: bool = True
     load_timeout: float = 600.0
@@ -150,6 +164,12 @@ class GatewayConfig:
             limit = parse_bytes(self.memory_limit_raw, total=total_memory_bytes())
             object.__setattr__(self, "memory_limit", limit)
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+
+    def keys(self) -> tuple[ApiKey, ...]:
+        """Every key the gateway accepts: `api_key` (unrestricted) and `api_keys`."""
+        single = (ApiKey(key=self.api_key, name="api_key"),) if self.api_key else ()
+        return single + self.api_keys
 
 
 @dataclass(frozen=True)
@@ -234,6 +254,10 @@ GATEWAY_KEY_DOCS: dict[str, str] = {
     "default_keep_alive": 'how long an idle model stays loaded: "5m", "1h", -1 = never, 0 = unload',
     "max_loaded_models": "most models loaded at once; 0 = bounded by memory only",
     "api_key": f"when set, /v1 and /api routes need it; null = use ${ENV_API_KEY}",
+    "api_keys": "more keys, each `{key, name?, models?: [allowed], requests_per_minute?}`; "
+    "a key with `models` may use only those and no management route",
+    "allow_unauthenticated": "listen beyond loopback with no key at all (otherwise refused)",
+    "allow_pull": "POST /api/pull downloads models; null = only when host is loopback",
     "cors_origins": 'origins allowed for browser requests, e.g. ["http://localhost:3000"]',
     "warm_spare": "keep one idle worker process ready so a load skips process start-up",
     "load_timeout": "longest a model load may take",

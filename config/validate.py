@@ -38,6 +38,7 @@ from mlx_gw.config.fields import (
     describe,
     optional,
 )
+from mlx_gw.config.keys import check_api_keys, check_key_models
 from mlx_gw.config.schema import (
     DTYPES,
     ENV_API_KEY,
@@ -105,7 +106,9 @@ def _parse(
         model = _parse_model(name, entry, base_dir=base_dir, env=env, check_paths=check_paths)
         models[model.name] = model
     _check_collisions(models)
-    return Config(gateway=gateway, models=models, source=source)
+    config = Config(gateway=gateway, models=models, source=source)
+    check_key_models(config)
+    return config
 
 
 def _parse_gateway(data: object, env: Mapping[str, str]) -> GatewayConfig:
@@ -214,6 +217,9 @@ def _check_keys(data: Mapping[object, object], prefix: str, valid: Iterable[str]
 
 _GATEWAY_CHECKS: dict[str, Check] = {
     "host": check_str,
+    "api_keys": check_api_keys,
+    "allow_unauthenticated": check_bool,
+    "allow_pull": optional(check_bool),
     "port": partial(check_int, low=0, high=65535),  # 0 = any free port (tests)
     "memory_limit": check_memory_limit,
     "default_keep_alive": check_duration,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import os
 import signal
@@ -20,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from mlx_gw.config import Config, ConfigError, load_config
+from mlx_gw.config import ENV_API_KEY, Config, ConfigError, load_config
+from mlx_gw.gateway.auth import CURRENT_KEY, KeyRing, check_allowed, is_loopback
 from mlx_gw.gateway.errors import (
     BadRequest,
     GatewayError,
@@ -47,7 +47,7 @@ from mlx_gw.gateway.routes import (
     response_store,
     responses,
 )
-from mlx_gw.gateway.state import SUPERVISOR
+from mlx_gw.gateway.state import KEYS, SUPERVISOR
 from mlx_gw.gateway.supervision.blas import fast_blas_env, warn_if_none
 from mlx_gw.gateway.supervision.supervisor import Supervisor
 
@@ -106,17 +106,25 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
                          "(configure gateway.cors_origins)", code="cors_refused")
         err.status = 403
         raise err
-    if gw.api_key and request.path.startswith(PROTECTED_PREFIXES):
+    ring = request.app[KEYS]
+    key = None
+    if ring.keys and request.path.startswith(PROTECTED_PREFIXES):
         auth = request.headers.get("Authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else \
             request.headers.get("x-api-key", "")
         if not given and request.path == "/dashboard":
             given = request.query.get("key", "")  # a browser's first visit; the page has no data
-        if not given or not hmac.compare_digest(given.encode(), gw.api_key.encode()):
+        key = ring.match(given) if given else None
+        if key is None:
             raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'")
+        ring.admit(key, request.path)
     if sup.draining and request.path.startswith(("/v1", "/api")):
         raise Unavailable("The gateway is shutting down", retry_after=5)
-    resp = await handler(request)
+    token = CURRENT_KEY.set(key)
+    try:
+        resp = await handler(request)
+    finally:
+        CURRENT_KEY.reset(token)
     if origin and origin in gw.cors_origins:
         resp.headers["Access-Control-Allow-Origin"] = origin
     return resp
@@ -138,6 +146,8 @@ def build_app(config: Config) -> web.Application:
     )
     ipc_dir = Path(tempfile.mkdtemp(prefix="mlxgw-"))
     app[SUPERVISOR] = Supervisor(config, ipc_dir=ipc_dir, worker_env=worker_env())
+    app[KEYS] = KeyRing(config.gateway.keys())
+    app[SUPERVISOR].resolve_observers.append(check_allowed)
     metrics.install(app)
     events.install(app)
     response_store.install(app)
@@ -197,10 +207,18 @@ async def serve(
     `ollama_port` (else gateway.ollama_compat_port; None = none, 0 = any free port) is a second
     listener on the same app, for clients that hard-code Ollama's port. `on_listening` gets the
     host, the bound port and the bound Ollama port (None without one)."""
+    host = host or config.gateway.host
+    if not is_loopback(host) and not config.gateway.keys() \
+            and not config.gateway.allow_unauthenticated:
+        log.error("refusing to listen on %s with no API key: anyone who can reach it could "
+                  "use every model. Set gateway.api_key (or $%s), or gateway.api_keys; or set "
+                  "gateway.allow_unauthenticated: true to serve the network without one",
+                  host, ENV_API_KEY)
+        return 1
+    config = dataclasses.replace(config, gateway=dataclasses.replace(config.gateway, host=host))
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    host = host or config.gateway.host
     port = config.gateway.port if port is None else port
     if ollama_port is None:
         ollama_port = config.gateway.ollama_compat_port

@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.supervision.status import State
 from mlx_gw.gateway.supervision.supervisor import Supervisor
@@ -213,11 +214,11 @@ def observer() -> Callable[[Delta], None] | None:
     return timer.delta if timer is not None else None
 
 
-def _attribute(model: str) -> None:
+def _attribute(model: ModelConfig, name: str) -> None:
     """This request resolved its model: the request is this model's (any route)."""
     timer = _current.get()
     if timer is not None:
-        timer.model = model
+        timer.model = model.name
 
 
 def _route_name(request: web.Request) -> str:

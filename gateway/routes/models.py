@@ -28,6 +28,7 @@ import msgspec
 from aiohttp import web
 
 from mlx_gw.config import ModelConfig
+from mlx_gw.gateway.auth import Forbidden, check_allowed, check_pull_allowed, restricted
 from mlx_gw.gateway.errors import BadRequest, Conflict, GatewayError, NotFound, Unavailable
 from mlx_gw.gateway.routes.ollama import mark_ollama
 from mlx_gw.gateway.routes.sse import EventStream
@@ -80,6 +81,10 @@ async def show(request: web.Request) -> web.Response:
         raise BadRequest("Missing query parameter 'model' (a model name or a repo id)",
                          param="model")
     model = sup.config.resolve(name)
+    if model is not None:
+        check_allowed(model, name)
+    elif restricted():
+        raise Forbidden("This API key may only show its own models", param="model")
     if model is None and not model_files.is_repo_id(name):
         raise NotFound(f"The model '{name}' does not exist: it is neither configured nor a "
                        "Hugging Face repo id", param="model")
@@ -171,6 +176,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if _ollama_body(raw):
         return await _ollama_pull(request, raw)
     body = decode(raw, PullRequest)
+    check_pull_allowed(request.app[SUPERVISOR].config.gateway)
     if not model_files.is_repo_id(body.repo):
         raise BadRequest(f"'{body.repo}' is not a Hugging Face repo id (expected 'org/name')",
                          param="repo")
@@ -220,6 +226,7 @@ async def _ollama_pull(request: web.Request, raw: bytes) -> web.StreamResponse:
     mark_ollama(request)
     body = decode(raw, ModelBody)
     sup = request.app[SUPERVISOR]
+    check_pull_allowed(sup.config.gateway)
     name = body.which
     model = sup.config.resolve(name)
     repo, revision = (model.path, None) if model is not None else pull_target(name)
@@ -276,7 +283,10 @@ async def delete_pulled(sup: Supervisor, name: str) -> dict[str, Any]:
     if busy:
         raise Conflict(f"'{repo}' is loaded (as {', '.join(busy)}); unload it first",
                        code="model_loaded")
-    freed = await asyncio.to_thread(model_files.delete_repo, repo)
+    try:
+        freed = await asyncio.to_thread(model_files.delete_repo, repo)
+    except model_files.OutsideCache as e:
+        raise Forbidden(f"'{repo}' was not deleted: {e}", code="outside_cache") from None
     if freed is None:
         raise NotFound(f"'{repo}' is not in the local Hugging Face cache", param="name")
     return {"deleted": repo, "freed_bytes": freed}

@@ -14,6 +14,7 @@ import asyncio
 
 from aiohttp import web
 
+from mlx_gw.gateway.auth import allows
 from mlx_gw.gateway.errors import NotFound
 from mlx_gw.gateway.routes.models import delete_pulled
 from mlx_gw.gateway.state import SUPERVISOR
@@ -31,6 +32,7 @@ async def tags(request: web.Request) -> web.Response:
     config = sup.config
     names = [(n, m) for m in config.models.values() for n in (m.name, *m.aliases)]
     names += [(alias, config.models[name]) for alias, name in sup.aliases.items()]
+    names = [(n, m) for n, m in names if allows(m)]  # what the request's key may use
     paths = {m.path for _, m in names}
     infos = await asyncio.to_thread(lambda: {p: model_files.summary(p) for p in paths})
     return web.json_response({"models": [tag_entry(n, infos[m.path]) for n, m in names]})

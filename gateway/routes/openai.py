@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from mlx_gw.config import ModelConfig
+from mlx_gw.gateway.auth import allows
 from mlx_gw.gateway.errors import GatewayError, TimedOut
 from mlx_gw.gateway.routes import metrics, vision
 from mlx_gw.gateway.routes.sse import EventStream
@@ -40,7 +41,7 @@ _json = msgspec.json.Encoder()
 async def list_models(request: web.Request) -> web.Response:
     config = request.app[SUPERVISOR].config
     data = []
-    for m in config.models.values():
+    for m in filter(allows, config.models.values()):  # what the request's key may use
         for name in (m.name, *m.aliases):
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "mlx-gw",
                          "root": m.name, "type": m.type})

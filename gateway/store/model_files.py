@@ -51,8 +51,18 @@ def local_path(path: str) -> tuple[Path | None, str | None]:
 
 
 def is_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+    """Whether `name` is a valid Hugging Face model repo id `org/name` (huggingface_hub's
+    own rule: no `..`, no `--`, word characters, `-` and `.` only), so no path traversal."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def describe(p: Path) -> dict[str, Any]:
@@ -197,11 +207,23 @@ def cached_repos() -> list[dict[str, Any]]:
     return rows
 
 
+class OutsideCache(Exception):
+    """A cached repo's folder is a symlink, or resolves outside the cache: not deleted."""
+
+
 def delete_repo(repo: str) -> int | None:
-    """Remove a repo's files from the cache. Returns the bytes freed, None if not cached."""
+    """Remove a repo's files from the cache. Returns the bytes freed, None if not cached.
+    Raises OutsideCache rather than follow a symlink out of the cache directory."""
+    from huggingface_hub import constants
+
+    root = Path(constants.HF_HUB_CACHE).resolve()
     for r in cached_repos():
         if r["repo"] == repo:
-            shutil.rmtree(r["path"])
+            path = Path(r["path"])
+            if path.is_symlink() or not path.resolve().is_relative_to(root):
+                raise OutsideCache(f"{path} is a link out of the cache ({root}); remove it by "
+                                   "hand if you mean to")
+            shutil.rmtree(path)
             return r["size_bytes"]
     return None
 

@@ -53,9 +53,10 @@ class Supervisor:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         # Called with each event as it happens (metrics, /api/events?follow=1); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        # Called with the model's name once a request has resolved it, in the request's task
-        # (request metrics attribute the request to its model whatever the route).
-        self.resolve_observers: list[Callable[[str], None]] = []
+        # Called with the model and the name asked for once a request has resolved it, in the
+        # request's task (request metrics attribute the request to its model whatever the
+        # route); one may raise a GatewayError to refuse it (an API key's model allowlist).
+        self.resolve_observers: list[Callable[[ModelConfig, str], None]] = []
         self._event_ids = itertools.count(1)
         # Names added at runtime (Ollama's /api/copy), until restart: alias -> model name.
         self.aliases: dict[str, str] = {}
@@ -100,7 +101,7 @@ class Supervisor:
             raise NotFound(f"The model '{name}' does not exist. Available models: {known}",
                            param="model")
         for observe in self.resolve_observers:
-            observe(model.name)
+            observe(model, name)
         if route is not None:
             check_kind(model, name, route)
         return model
