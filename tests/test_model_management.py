@@ -273,3 +273,40 @@ def test_runtime_pin_protects_a_model_from_eviction(start_gateway, tiny_dir: Pat
     assert r.json()["pinned"] is False and r.json()["expires_at"] is not None
     assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
     assert [m["name"] for m in gw.ps()] == ["m1"]
+
+
+FSIZE_HOOK = '''
+import resource, sys
+if "mlx_gw.gateway.cli" in sys.orig_argv:  # the gateway only: its writes stop at %d bytes
+    resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d))
+'''
+
+
+def test_pull_onto_a_full_disk_fails_cleanly_and_leaves_no_partial_file(
+        start_gateway, hub: LocalHub, tiny_dir: Path, tmp_path: Path) -> None:
+    """The disk fills in the middle of the big file (RLIMIT_FSIZE on the gateway makes the
+    write fail as a full disk would, EFBIG instead of ENOSPC): the pull ends with a clear
+    507, nothing of it stays in the cache, and the gateway goes on serving."""
+    limit = BIG_BYTES // 3
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FSIZE_HOOK % (limit, limit, limit))
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(hook)}
+    gw = start_gateway({"models": {"local": {"type": "llm", "path": str(tiny_dir / "tiny-1")}}},
+                       env=env)
+    with httpx.stream("POST", gw.url + "/api/pull", json={"repo": REPO}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    last = events[-1]
+    assert last["status"] == "error", events
+    err = last["error"]
+    assert err["code"] == "insufficient_storage" and "partial download was removed" in \
+        err["message"], err
+    assert any(e["status"] == "downloading" for e in events)  # it failed part-way
+    left = [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and "hub" in p.parts]
+    assert not [p for p in left if "tiny-llm" in str(p)], left
+    assert httpx.get(gw.url + "/api/models").json()["models"] == []
+    r = httpx.post(gw.url + "/api/pull", json={"repo": REPO, "stream": False}, timeout=60)
+    assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
+    r = httpx.post(gw.url + "/v1/chat/completions", timeout=60, json={
+        "model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200

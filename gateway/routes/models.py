@@ -17,6 +17,7 @@ blocks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import contextlib
 import json
 import threading
@@ -39,6 +40,11 @@ from mlx_gw.gateway.translate.ollama import ModelBody, pull_status, pull_target
 from mlx_gw.gateway.translate.schemas import decode
 
 PULL_KEEPALIVE_S = 15.0
+
+
+class InsufficientStorage(GatewayError):
+    status = 507
+    code = "insufficient_storage"
 routes = web.RouteTableDef()
 
 
@@ -161,6 +167,15 @@ async def pull_progress(man: dict[str, Any]) -> AsyncIterator[dict[str, Any] | N
             path = fut.result()
         except GatewayError:
             raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise Unavailable(f"pulling '{man['repo']}' failed: {e}",
+                                  code="pull_failed") from None
+            raise InsufficientStorage(
+                f"pulling '{man['repo']}' failed: {e.strerror} writing to the model cache "
+                f"(it needs {man['total']} bytes); the partial download was removed. Free "
+                "some space (`mlx-gw models`, DELETE /api/models/REPO) or set HF_HOME to a "
+                "larger disk") from None
         except Exception as e:
             raise Unavailable(f"pulling '{man['repo']}' failed: {type(e).__name__}: {e}",
                               code="pull_failed") from None

@@ -264,7 +264,29 @@ def pull(
 ) -> str:
     """Download every file of `man` (from `manifest`) into the cache, calling `report` with
     byte progress (at most every PROGRESS_INTERVAL_S, and after each file). Blocks; raises
-    PullCancelled once `cancelled` is set. Returns the snapshot's path."""
+    PullCancelled once `cancelled` is set, OSError when a write fails (a full disk). Returns
+    the snapshot's path. A pull that fails leaves no partial file: the repo's folder goes
+    if the pull made it, its unfinished downloads otherwise."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    name = repo_folder_name(repo_id=man["repo"], repo_type="model")
+    folder = Path(constants.HF_HUB_CACHE) / name
+    existed = folder.exists()
+    try:
+        return _download(man, report, cancelled)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(Path(constants.HF_HUB_CACHE) / ".locks" / name, ignore_errors=True)
+        else:
+            for partial in folder.glob("blobs/*.incomplete"):
+                partial.unlink(missing_ok=True)
+        raise
+
+
+def _download(man: dict[str, Any], report: Callable[[dict[str, Any]], None],
+              cancelled: threading.Event) -> str:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     done = 0  # bytes of finished files
