@@ -17,8 +17,8 @@ blocks.
 from __future__ import annotations
 
 import asyncio
-import errno
 import contextlib
+import errno
 import json
 import threading
 from collections.abc import AsyncIterator
