@@ -1,12 +1,15 @@
 """Faults beyond a plain SIGKILL, on real workers: a request that reaches a dead worker is
 retried once on a fresh one; a frozen (SIGSTOP) worker is killed by the heartbeat deadline and
 replaced; corrupt weights fail the load clearly and back off instead of crash-looping; a worker
-that floods its stderr is rate-limited in the gateway's log."""
+that floods its stderr is rate-limited in the gateway's log; an unwritable state directory."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +177,23 @@ def test_worker_flooding_its_stderr_is_served_and_the_log_stays_small(
                if "stderr lines not logged" in line]
     assert dropped and sum(dropped) > lines * 0.9, dropped
     assert len(log) < 2 * 2**20, f"the gateway logged {len(log)} bytes of a worker's flood"
+
+
+def test_unwritable_state_directory(start_gateway, tiny_dir: Path, tmp_path: Path) -> None:
+    """A state directory that cannot be written: the foreground gateway serves anyway and
+    says what will not work; the daemon, whose log lives there, refuses with the fix."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    home = str(blocker / "home")  # under a file: mkdir fails, even for root
+    config = {"models": {"m": {"type": "llm", "path": str(tiny_dir / "tiny-0")}}}
+    gw = start_gateway(config, env={"MLX_GW_HOME": home})
+    r = httpx.post(gw.url + "/v1/chat/completions", timeout=60, json={
+        "model": "m", "messages": MSG, "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200
+    assert "cannot write the state directory" in gw.log() and "serving anyway" in gw.log()
+    assert gw.stop() == 0
+    env = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
+    daemon = subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--config",
+                             str(gw.config_path), "--port", "0"], env={**env, "MLX_GW_HOME": home},
+                            capture_output=True, text=True, timeout=60)
+    assert daemon.returncode == 1 and "Set MLX_GW_HOME to a writable directory" in daemon.stderr

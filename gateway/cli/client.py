@@ -24,6 +24,20 @@ def state_dir() -> Path:
     return d
 
 
+def state_dir_problem() -> str | None:
+    """Why the state directory cannot be written (None when it can): a gateway still
+    serves without it, but `mlx-gw ps`, `stop` and the daemon's log need it."""
+    where = os.environ.get("MLX_GW_HOME") or str(Path.home() / ".mlx-gw")
+    try:
+        d = state_dir()
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write the state directory {where} ($MLX_GW_HOME): {e.strerror}"
+    return None
+
+
 def state_file() -> Path:
     return state_dir() / "gateway.json"
 

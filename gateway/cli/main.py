@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from mlx_gw.gateway.cli import admin as cli_admin
-from mlx_gw.gateway.cli.client import api, log_file, read_state, state_file
+from mlx_gw.gateway.cli.client import api, log_file, read_state, state_dir_problem, state_file
 
 EXIT_CONFIG = 2
 START_TIMEOUT_S = 60.0
@@ -64,8 +64,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     if config.source is None and _fetch_defaults():
         config = _load_config(args.config)  # now with the fetched default model
+    problem = state_dir_problem()
+    if problem and not args.foreground:
+        print(f"mlx-gw: {problem}; the daemon keeps its log there. Set MLX_GW_HOME to a "
+              "writable directory (or run `mlx-gw start --foreground`)", file=sys.stderr)
+        return 1
     if args.foreground:
-        return _run_foreground(config, args)
+        return _run_foreground(config, args, state_problem=problem)
     return _daemonize(config, args)
 
 
@@ -85,7 +90,7 @@ def _fetch_defaults() -> bool:
     return fetched
 
 
-def _run_foreground(config, args: argparse.Namespace) -> int:
+def _run_foreground(config, args: argparse.Namespace, state_problem: str | None = None) -> int:
     from mlx_gw.config import default_config_problem
     from mlx_gw.gateway.app import serve
 
@@ -93,13 +98,17 @@ def _run_foreground(config, args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if config.source is None and not config.models:
         logging.getLogger("mlxgw").warning("no models configured: %s", default_config_problem())
+    if state_problem:
+        logging.getLogger("mlxgw").warning("%s: serving anyway, but `mlx-gw ps`, `stop` and "
+                                           "`reload` will not find this gateway", state_problem)
 
     def on_listening(host: str, port: int, ollama_port: int | None) -> None:
         url = f"http://{host}:{port}"
         state: dict[str, Any] = {"pid": os.getpid(), "url": url, "config": config.source}
         if ollama_port is not None:
             state["ollama_url"] = f"http://{host}:{ollama_port}"
-        state_file().write_text(json.dumps(state))
+        if not state_problem:
+            state_file().write_text(json.dumps(state))
         if ollama_port is not None:
             print(f"mlx-gw Ollama-compatible listener on {state['ollama_url']}", flush=True)
         print(f"mlx-gw listening on {url}", flush=True)
