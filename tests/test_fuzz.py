@@ -38,7 +38,7 @@ def test_fuzz_every_route_briefly(fuzz_gateway) -> None:
     report = fuzz(gw.url, models, examples=3, timeout_s=30.0)
     print(report.summary())
     assert report.operations >= 38
-    assert report.findings == []
+    assert report.findings == [], "\n".join(report.findings)
     assert "unhandled error" not in gw.log()
 
 
