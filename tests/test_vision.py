@@ -167,3 +167,44 @@ def test_images_to_an_llm_and_disabled_remote_fetches(gw: GatewayProc, start_gat
     off = chat_status(g, "llava", images + "/small.png")
     assert off.status_code == 400 and off.json()["error"]["code"] == "remote_images_disabled"
     assert not g.ps()  # refused before loading anything
+
+
+def _vision_turns(gw: GatewayProc, picture: bytes, turns: int = 4) -> list[tuple[str, int, int]]:
+    """A greedy conversation that opens with a picture; each turn's (answer, prompt tokens,
+    cached tokens)."""
+    c = client(gw)
+    messages = ask(data_url(picture), "Describe this picture at length, please.")
+    out = []
+    for turn in range(turns):
+        r = c.chat.completions.create(model="llava", messages=messages, max_tokens=6,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        text = r.choices[0].message.content
+        out.append((text, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        messages += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": f"Turn {turn}: and what else do you see?"}]
+    return out
+
+
+def test_vision_conversation_reuses_its_text_history_and_never_another_image(
+        gw: GatewayProc, tiny_llava: Path, tmp_path: Path) -> None:
+    """mlx-vlm's prefix cache (16-token blocks) serves each turn's history; the greedy
+    answers equal a gateway's with the cache off; another picture shares no block."""
+    on = _vision_turns(gw, png(40, 40, (10, 200, 10)))
+    off_gw = GatewayProc({"gateway": {"port": 0, "warm_spare": False}, "models": {
+        "llava": {"type": "vlm", "path": str(tiny_llava), "prompt_cache": {"max_bytes": 0}}}},
+        tmp_path / "gw-off")
+    try:
+        off = _vision_turns(off_gw, png(40, 40, (10, 200, 10)))
+    finally:
+        off_gw.stop()
+    assert [t for t, _, _ in on] == [t for t, _, _ in off]
+    assert all(cached == 0 for _, _, cached in off)
+    assert on[0][2] == 0
+    for (_, prev, _), (_, prompt, cached) in zip(on, on[1:], strict=False):
+        # Whole 16-token blocks: at most two short of the previous prompt (the block the
+        # last answer re-tokenizes into differently, and the one being filled).
+        assert prev - 2 * 16 - 8 <= cached < prompt and cached > 0, on
+    other = _vision_turns(gw, png(40, 40, (200, 10, 200)), turns=1)
+    assert other[0][2] == 0  # the same text, another image: nothing reused
+    row = next(m for m in gw.ps() if m["name"] == "llava")
+    assert row["prompt_cache_bytes"] > 0 and row["prompt_cache_entries"] > 0

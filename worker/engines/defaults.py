@@ -36,6 +36,7 @@ class Sampling:
     source: str = "neutral"  # where these came from, for the worker's log line
 
 
+DEFAULT_CONTEXT_LENGTH = 4096  # a model whose config names no context window
 NEUTRAL = Sampling()  # what a model that names some defaults leaves out
 # For models whose files name no sampling defaults (the README documents these values).
 FALLBACK = Sampling(temperature=0.0, source="fallback (greedy)")

@@ -28,6 +28,7 @@ from mlx_gw.worker.engines.constrained import (
     resolve_tool_parser,
 )
 from mlx_gw.worker.engines.defaults import (
+    DEFAULT_CONTEXT_LENGTH,
     NEUTRAL,
     Sampling,
     completion_budget,
@@ -44,7 +45,6 @@ from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
 
 log = logging.getLogger("mlxgw.worker")
 
-DEFAULT_CONTEXT_LENGTH = 4096
 PREFILL_STEP_TOKENS = 512  # prompt chunk per step: bounds how long one prefill stalls decoding
 PENALTY_CONTEXT_TOKENS = 64  # presence/frequency/repetition penalties look this far back
 

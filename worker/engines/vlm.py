@@ -28,9 +28,11 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_gw.worker.engines.base import AdmissionError
 from mlx_gw.worker.engines.defaults import (
+    DEFAULT_CONTEXT_LENGTH,
     NEUTRAL,
     Sampling,
     completion_budget,
@@ -38,12 +40,13 @@ from mlx_gw.worker.engines.defaults import (
     model_sampling,
     resolve_sampling,
 )
+from mlx_gw.worker.engines.prompt_cache import default_max_bytes
 from mlx_gw.worker.engines.stop_text import StopText
+from mlx_gw.worker.engines.vlm_prefix import VisionPrefixCache
 from mlx_gw.worker.protocol import Delta, Generate, Load
 
 log = logging.getLogger("mlxgw.worker")
 
-DEFAULT_CONTEXT_LENGTH = 4096
 MAX_IMAGE_PIXELS = 50_000_000  # larger images are refused (decompression bombs)
 
 
@@ -78,6 +81,7 @@ class _Seq:
     stop: StopText
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # known once its prefill is done
 
 
 def _categorical(logprobs: mx.array) -> mx.array:
@@ -113,7 +117,8 @@ def row_sampling(temperature: float, top_k: int, top_p: float, min_p: float):
 
 class VLMEngine:
     def __init__(self, model: Any, processor: Any, *, context_length: int,
-                 max_batch: int, sampling: Sampling = NEUTRAL) -> None:
+                 max_batch: int, sampling: Sampling = NEUTRAL,
+                 prompt_cache_bytes: int = 0) -> None:
         from mlx_vlm.generate.ar import BatchGenerator
         from mlx_vlm.utils import resolve_eos_token_ids
 
@@ -125,10 +130,14 @@ class VLMEngine:
         self._eos = set(resolve_eos_token_ids(getattr(model.config, "eos_token_id", None),
                                               self.tokenizer))
         self._eos.update(getattr(processor, "additional_eos_token_ids", ()))
+        self.prompt_cache = VisionPrefixCache(prompt_cache_bytes, model.language_model,
+                                              processor) if prompt_cache_bytes > 0 else None
         self._gen = BatchGenerator(model.language_model, processor, stop_tokens=self._eos,
                                    sampler=_categorical, completion_batch_size=max_batch,
                                    prefill_batch_size=min(8, max_batch),
-                                   compute_logprobs=False)
+                                   compute_logprobs=False,
+                                   apc_manager=self.prompt_cache.manager
+                                   if self.prompt_cache else None)
         self._by_uid: dict[int, _Seq] = {}
         self._by_rid: dict[int, _Seq] = {}
         self.prompt_tokens_total = 0
@@ -146,8 +155,12 @@ class VLMEngine:
         text = getattr(model.config, "text_config", None)
         ctx = load.context_length or getattr(text, "max_position_embeddings", None) \
             or DEFAULT_CONTEXT_LENGTH
+        budget = load.prompt_cache_bytes
+        if budget is None:
+            weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+            budget = default_max_bytes(weights, load.memory_limit_bytes)
         return cls(model, processor, context_length=int(ctx), max_batch=load.max_batch,
-                   sampling=model_sampling(load.path))
+                   sampling=model_sampling(load.path), prompt_cache_bytes=budget)
 
     # ------------------------------------------------------------------ admission
 
@@ -204,6 +217,8 @@ class VLMEngine:
         pixels, mask = vision.pop("pixel_values"), vision.pop("mask")
         embedded = self.model.get_input_embeddings(ids, pixels, mask=mask, **vision)
         kwargs = {**vision, **{k: v for k, v in embedded.to_dict().items() if v is not None}}
+        if self.prompt_cache is not None:  # blocks chained with this request's images
+            kwargs["_apc_semantic_hash"] = self.prompt_cache.salt(pixels)
         if gen.seed is not None:
             mx.random.seed(gen.seed)
         sp = resolve_sampling(gen, self.sampling)
@@ -237,7 +252,12 @@ class VLMEngine:
     def step(self) -> list[Delta]:
         if not self._by_uid:
             return []
-        _, responses = self._gen.next()
+        progress, responses = self._gen.next()
+        for pp in progress or ():  # a prompt's prefill is done: how much came from the cache
+            if (seq := self._by_uid.get(pp.uid)) is not None and seq.cached_tokens is None:
+                seq.cached_tokens = int(pp.cached_tokens)
+                if self.prompt_cache is not None:
+                    self.prompt_cache.count(seq.prompt_tokens, seq.cached_tokens)
         out: list[Delta] = []
         for r in responses:
             seq = self._by_uid.get(r.uid)
@@ -261,8 +281,10 @@ class VLMEngine:
                 del self._by_uid[r.uid]
                 del self._by_rid[seq.rid]
             if text or finish or seq.completion_tokens == 1:
-                out.append(Delta(seq.rid, text, seq.completion_tokens, seq.prompt_tokens,
-                                 finish))
+                d = Delta(seq.rid, text, seq.completion_tokens, seq.prompt_tokens, finish)
+                if seq.completion_tokens == 1:
+                    d.cached_tokens = seq.cached_tokens or 0
+                out.append(d)
         return out
 
     def abort_all(self) -> list[int]:
@@ -273,3 +295,5 @@ class VLMEngine:
 
     def close(self) -> None:
         self._gen.close()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()
