@@ -118,6 +118,10 @@ class PromptCache:
             return
         if any(getattr(c, "offset", len(tokens)) != len(tokens) for c in cache):
             return  # the cache and its key disagree: never risk a wrong prefix
+        # BatchGenerator hands a finished sequence's KV over as lazy copies (mx.contiguous of
+        # a slice) of the whole batch's cache: left unevaluated, every entry would keep that
+        # batch's buffers alive (gigabytes on a GPU at 64 streams). Start the copies now.
+        mx.async_eval([c.state for c in cache])
         self._lru.insert_cache(_KEY, list(tokens), cache)
         self._spill()
 
