@@ -22,6 +22,7 @@ from mlx_gw.config.durations import parse_bytes
 ModelType = Literal["llm", "vlm", "embedding", "tts", "stt"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+WARMUP_MODES: tuple[str, ...] = ("auto", "off", "minimal", "full")  # worker/engines/warmup.py
 # Tool-call formats the gateway parses: its own, then mlx-lm's (mlx_lm.tool_parsers).
 TOOL_PARSERS: tuple[str, ...] = (
     "auto", "none", "hermes", "llama3_json", "mistral",
@@ -194,6 +195,7 @@ class ModelConfig:
     warm_prompts: tuple[str, ...] = ()  # system prompts prefilled into the cache at load
     kv_bits: int | None = None  # 4 or 8: KV stored quantized (batched); None: full precision
     kv_group_size: int = 64
+    warmup: str = "auto"  # batch shapes run at load: auto | off | minimal | full
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -295,6 +297,10 @@ MODEL_KEY_DOCS: dict[str, str] = {
     "kv_bits": "4 or 8: keys and values stored quantized (about 0.28x the memory of a float32 "
                "cache at 8 bits), batched and prompt-cached as usual; null = full precision",
     "kv_group_size": "quantization group of kv_bits: 32, 64 (default) or 128",
+    "warmup": "batch shapes an llm runs once at load, before it is ready (the model shows "
+              "`warming`), so no request waits for a GPU's kernels to compile: auto (full on "
+              "a GPU, minimal on the CPU) | full (prefill batches 1..8, decode batches "
+              "1..max_batch) | minimal (one short generation) | off",
     "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
     "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }

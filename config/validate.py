@@ -48,6 +48,7 @@ from mlx_gw.config.schema import (
     REQUIRED_MODEL_KEYS,
     TOOL_PARSERS,
     TOP_LEVEL_DOCS,
+    WARMUP_MODES,
     Config,
     ConfigError,
     GatewayConfig,
@@ -254,6 +255,7 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "warm_prompts": partial(check_names, check=False),
     "kv_bits": optional(partial(check_int_choice, choices=(4, 8))),
     "kv_group_size": partial(check_int_choice, choices=(32, 64, 128)),
+    "warmup": partial(check_choice, choices=WARMUP_MODES),
 }
 
 

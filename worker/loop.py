@@ -24,6 +24,7 @@ import zmq
 
 from mlx_gw.worker import protocol as p
 from mlx_gw.worker.engines.base import AdmissionError, Engine
+from mlx_gw.worker.step_log import StepLog
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -181,6 +182,7 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
         if load.memory_limit_bytes:
             mx.set_memory_limit(load.memory_limit_bytes)
         engine = _make_engine(load)
+        _warm_up(engine, load, send, t0)
     except Exception as e:
         traceback.print_exc()
         send(p.Error(rid=0, code="load_failed", message=f"{type(e).__name__}: {e}"))
@@ -201,6 +203,20 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
     tx.close()  # linger flushes what is queued
     # Skip interpreter teardown (MLX and tokenizer finalizers): an eviction is waiting on us.
     os._exit(code)
+
+
+def _warm_up(engine: Engine, load: p.Load, send, t0: float) -> None:
+    """Run the engine's batch shapes before Ready (worker/engines/warmup.py), telling the
+    gateway first that the weights are in and kernels are being compiled."""
+    if getattr(engine, "batch_generator", None) is None:  # the LLM engine's alone
+        return
+    from mlx_gw.worker.engines import warmup
+
+    if warmup.resolve(load.warmup) == "off":
+        return
+    send(p.Warming(pid=os.getpid(), load_seconds=time.perf_counter() - t0,
+                   memory_bytes=memory_bytes()))
+    warmup.warm_up(engine, load.warmup, load.name)
 
 
 def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
@@ -232,6 +248,7 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
 
 def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
     next_hb = 0.0
+    steps = StepLog(name)
     while True:
         now = time.monotonic()
         idle = not engine.busy
@@ -252,8 +269,10 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                     if not _drain(engine, rx, send, name):
                         return 0
         if engine.busy:
+            t_step = time.perf_counter()
             try:
                 deltas = engine.step()
+                steps.stepped(t_step, engine.in_flight)
             except Exception as e:  # fail what is in flight, keep serving
                 log.exception("[worker:%s] engine step failed", name)
                 for rid in engine.abort_all():
@@ -277,3 +296,4 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                 )
             )
             next_hb = now + HEARTBEAT_INTERVAL_S
+            steps.report()

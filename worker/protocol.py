@@ -37,6 +37,7 @@ class Load(_Msg, tag="load"):
     warm_prompts: list[str] = []  # system prompts prefilled into the prompt cache at load
     kv_bits: int = 0  # 4 or 8: keys and values stored quantized; 0: full precision
     kv_group_size: int = 64
+    warmup: str = "auto"  # the batch shapes run before Ready: auto | off | minimal | full
 
 
 class Generate(_Msg, tag="gen"):
@@ -152,6 +153,15 @@ class Ready(_Msg, tag="ready"):
     device: str = ""
 
 
+class Warming(_Msg, tag="warming"):
+    """The weights are loaded; the worker now runs its batch shapes once (a GPU compiles
+    kernels for each) and says Ready after. Only sent when there is a warm-up to run."""
+
+    pid: int
+    load_seconds: float
+    memory_bytes: int
+
+
 class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One generated token's log-probability, with the most likely alternatives when asked."""
 
@@ -239,8 +249,8 @@ class AudioChunk(_Msg, tag="pcm"):
     final: bool = False
 
 
-FromWorker = (Hello | Ready | Outputs | Error | Heartbeat | Pulse | Embeddings | Transcription
-              | AudioChunk)
+FromWorker = (Hello | Warming | Ready | Outputs | Error | Heartbeat | Pulse | Embeddings
+              | Transcription | AudioChunk)
 # One-shot or chunked answers to a request, other than text `Outputs` (routed by `rid`).
 RESULTS = (Embeddings, Transcription, AudioChunk)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mlx_gw.config import GatewayConfig
 from mlx_gw.gateway.errors import Unavailable
 from mlx_gw.gateway.supervision.memory import DEFAULT_BASELINE_BYTES, estimate_bytes
-from mlx_gw.gateway.supervision.status import State
+from mlx_gw.gateway.supervision.status import STARTING, State
 from mlx_gw.gateway.supervision.worker_handle import WorkerHandle
 
 log = logging.getLogger("mlxgw.supervisor")
@@ -39,7 +39,7 @@ class Ceiling:
         self.starving: dict[str, float] = {}  # model -> since when its load waits for room
 
     def footprint(self, h: WorkerHandle) -> int:
-        if h.state is State.STARTING:
+        if h.state in STARTING:
             return max(h.estimate_bytes, h.memory_bytes)
         return h.memory_bytes or self.measured.get(h.model.name) or h.estimate_bytes
 
@@ -48,7 +48,7 @@ class Ceiling:
         """Counts against the ceiling: loaded, stopping, or starting past admission (a load
         still waiting for room holds none)."""
         return h.state in (State.READY, State.DRAINING) or (
-            h.state is State.STARTING and h.admitted)
+            h.state in STARTING and h.admitted)
 
     def resident_bytes(self) -> int:
         return sum(self.footprint(h) for h in self._handles.values() if self.holds_room(h))

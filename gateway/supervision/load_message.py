@@ -20,4 +20,5 @@ def load_message(model: ModelConfig, *, memory_limit_bytes: int | None) -> p.Loa
         prompt_cache_disk_bytes=model.prompt_cache.disk_max_bytes,
         warm_prompts=list(model.warm_prompts),
         kv_bits=model.kv_bits or 0, kv_group_size=model.kv_group_size,
+        warmup=model.warmup,
     )

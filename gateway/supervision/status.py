@@ -16,12 +16,14 @@ from typing import Any
 class State(enum.StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
+    WARMING = "warming"  # loaded, running its batch shapes once (GPU kernels compile)
     READY = "ready"
     DRAINING = "draining"
     FAILED = "failed"
 
 
-LOADED = (State.STARTING, State.READY, State.DRAINING)  # a process exists and holds memory
+STARTING = (State.STARTING, State.WARMING)  # a load in progress
+LOADED = (*STARTING, State.READY, State.DRAINING)  # a process exists and holds memory
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,3 +81,18 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def handle_status(h: Any) -> ModelStatus:
+    """The snapshot of one WorkerHandle (`h`): what every reader above uses."""
+    resident = h.state in LOADED
+    c = h.cache  # the last Heartbeat's figures: zeros once the process has gone
+    return ModelStatus(
+        name=h.model.name, type=h.model.type, aliases=tuple(h.model.aliases),
+        state=h.state, pinned=h.pinned, pid=h.pid,
+        memory_bytes=h.memory_bytes if resident else 0, expires_at=h.expires_at,
+        in_flight=h.leases.in_batch, queued=h.leases.queued,
+        worker_in_flight=h.worker_in_flight, context_length=h.context_length,
+        loaded_at=h.loaded_at, error=h.error, blas=h.blas if resident else None,
+        prompt_cache_bytes=c.prompt_cache_bytes, prompt_cache_entries=c.prompt_cache_entries,
+        prompt_cache_disk_bytes=c.prompt_cache_disk_bytes)

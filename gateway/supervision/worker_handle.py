@@ -26,7 +26,7 @@ from mlx_gw.gateway.supervision.exchange import ROUTED, Exchange
 from mlx_gw.gateway.supervision.inbox import Inbox
 from mlx_gw.gateway.supervision.leases import Leases
 from mlx_gw.gateway.supervision.load_message import load_message
-from mlx_gw.gateway.supervision.status import ModelStatus, State
+from mlx_gw.gateway.supervision.status import ModelStatus, State, handle_status
 from mlx_gw.gateway.supervision.worker_process import (
     LoadRefused,
     WorkerGone,
@@ -152,7 +152,7 @@ class WorkerHandle(Exchange):
                 wp = await self._get_process(name)
                 wp.label = name
                 wp.send(load_message(self.model, memory_limit_bytes=self._memory_limit_bytes))
-                ready = await wp.await_ready()
+                ready = await wp.await_ready(on_warming=self._warming)
         except (WorkerGone, TimeoutError, LoadRefused) as e:
             why = (f"loading took longer than load_timeout ({self._load_timeout_s:.0f}s)"
                    if isinstance(e, TimeoutError) else str(e))
@@ -188,6 +188,11 @@ class WorkerHandle(Exchange):
         self.state = State.READY
         self._emit("ready", duration_s=round(time.monotonic() - t0, 3), pid=wp.pid,
                    memory_bytes=ready.memory_bytes, device=ready.device, blas=self.blas)
+
+    def _warming(self, msg: p.Warming) -> None:
+        """The weights are in; the worker runs its batch shapes before Ready."""
+        self.state, self.memory_bytes = State.WARMING, msg.memory_bytes
+        self._emit("warming", pid=msg.pid, load_s=round(msg.load_seconds, 3))
 
     async def _read(self, wp: WorkerProcess) -> None:
         while True:
@@ -272,17 +277,7 @@ class WorkerHandle(Exchange):
         self._on_event(self, kind, details)
 
     def status(self) -> ModelStatus:
-        resident = self.state in (State.STARTING, State.READY, State.DRAINING)
-        c = self.cache  # zeros once the process has gone (_watch_exit)
-        return ModelStatus(
-            name=self.model.name, type=self.model.type, aliases=tuple(self.model.aliases),
-            state=self.state, pinned=self.pinned, pid=self.pid,
-            memory_bytes=self.memory_bytes if resident else 0, expires_at=self.expires_at,
-            in_flight=self.leases.in_batch, queued=self.leases.queued,
-            worker_in_flight=self.worker_in_flight, context_length=self.context_length,
-            loaded_at=self.loaded_at, error=self.error, blas=self.blas if resident else None,
-            prompt_cache_bytes=c.prompt_cache_bytes, prompt_cache_entries=c.prompt_cache_entries,
-            prompt_cache_disk_bytes=c.prompt_cache_disk_bytes)
+        return handle_status(self)
 
     def trim_cache(self, max_bytes: int) -> int | None:
         """Shrink the worker's prompt cache to `max_bytes`, freeing MLX's buffer cache too;

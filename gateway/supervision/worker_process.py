@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -147,8 +148,10 @@ class WorkerProcess:
         """The next message from the worker. Cancel it to stop waiting (nothing is lost)."""
         return p.decode_from_worker(await self._pull.recv())
 
-    async def await_ready(self) -> p.Ready:
-        """The worker's Ready for the Load sent to it. Raises LoadRefused when it answers an
+    async def await_ready(self, on_warming: Callable[[p.Warming], None] | None = None
+                          ) -> p.Ready:
+        """The worker's Ready for the Load sent to it (`on_warming` sees its Warming, sent
+        between the weights' load and its warm-up). Raises LoadRefused when it answers an
         Error, WorkerGone when it exits first (the caller bounds the wait)."""
         exited = asyncio.ensure_future(self.proc.wait())
         try:
@@ -162,6 +165,8 @@ class WorkerProcess:
                 msg = recv.result()
                 if isinstance(msg, p.Ready):
                     return msg
+                if isinstance(msg, p.Warming) and on_warming is not None:
+                    on_warming(msg)
                 if isinstance(msg, p.Error):
                     raise LoadRefused(msg.message)
         finally:

@@ -158,6 +158,14 @@ class LLMEngine:
             while self.busy:
                 self.step()
 
+    # What worker/engines/warmup.py drives: the generator, a fresh cache as requests get one.
+    batch_generator = property(lambda self: self._gen)
+    vocab_size = property(lambda self: self._vocab)
+    prefill_step_tokens = PREFILL_STEP_TOKENS
+
+    def new_cache(self) -> list[Any] | None:
+        return fresh_caches(self._model, *self._kv) if self._kv[0] else None
+
     # ------------------------------------------------------------------ admission
 
     def _tokenize(self, req: Generate) -> list[int]:
@@ -211,8 +219,8 @@ class LLMEngine:
         # A grammar ends its sequence itself, so ignore_eos never runs it past the grammar.
         stops = [_NO_STOP] if req.ignore_eos and grammar is None else None
         cache, cached = self.prompt_cache.lookup(ids)
-        if cache is None and self._kv[0]:
-            cache = fresh_caches(self._model, *self._kv)
+        if cache is None:
+            cache = self.new_cache()
         (uid,) = self._gen.insert(
             [ids[cached:]], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
             logits_processors=[processors], caches=[cache], all_tokens=[ids[:cached]],

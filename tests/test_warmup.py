@@ -1,0 +1,130 @@
+"""Warm-up at load (issue 20) and the prompt cache's real memory, on the CPU.
+
+A model with `warmup: full` runs its batch shapes before it is ready: /api/ps shows it
+`warming` meanwhile, the events say `load`, `warming`, `ready` in that order, and the first
+request after ready is served. `auto` on the CPU runs the minimal warm-up, `off` none. And a
+finished sequence's KV kept by the prompt cache costs what the cache counts, not the whole
+batch's buffers it was sliced from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayProc
+
+WARM_BATCH = 32  # full warm-up of a tiny model at this max_batch: seconds on 2 busy cores
+
+
+def _model(tiny_dir: Path, warmup: str | None, max_batch: int = 8) -> dict[str, Any]:
+    m: dict[str, Any] = {"type": "llm", "path": str(tiny_dir / "tiny-0"), "max_batch": max_batch}
+    if warmup is not None:
+        m["warmup"] = warmup
+    return m
+
+
+def _load_watching(gw: GatewayProc, model: str) -> tuple[int, list[str]]:
+    """POST /api/load while polling /api/ps: (load status, the model's states in order)."""
+    states: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(httpx.post, gw.url + "/api/load", json={"model": model},
+                           timeout=120)
+        while not load.done():
+            for m in gw.ps():
+                if m["name"] == model and (not states or states[-1] != m["state"]):
+                    states.append(m["state"])
+            time.sleep(0.01)
+        status = load.result().status_code
+    states += [m["state"] for m in gw.ps() if m["name"] == model][-1:]
+    return status, states
+
+
+def _events(gw: GatewayProc, model: str) -> list[str]:
+    body = httpx.get(gw.url + "/api/events", timeout=10).json()
+    events = body["events"] if isinstance(body, dict) else body
+    return [e["type"] for e in events if e.get("model") == model]
+
+
+def _complete(gw: GatewayProc, model: str) -> dict[str, Any]:
+    r = httpx.post(gw.url + "/v1/completions", timeout=60,
+                   json={"model": model, "prompt": "Hello there", "max_tokens": 5,
+                         "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_full_warm_up_shows_warming_then_serves(tiny_dir: Path, start_gateway: Any) -> None:
+    gw = start_gateway({"gateway": {"port": 0},
+                        "models": {"w": _model(tiny_dir, "full", WARM_BATCH)}})
+    status, states = _load_watching(gw, "w")
+    assert status == 200
+    assert "warming" in states and states[-1] == "ready", states
+    assert states.index("warming") < states.index("ready")
+    kinds = [k for k in _events(gw, "w") if k in ("load", "warming", "ready")]
+    assert kinds == ["load", "warming", "ready"], kinds
+    body = _complete(gw, "w")
+    assert body["usage"]["completion_tokens"] == 5
+    line = re.search(r"warm-up \(full\): (\d+) steps", gw.log())
+    assert line and int(line.group(1)) > WARM_BATCH, "the decode sizes 1..max_batch ran"
+    row = next(m for m in gw.ps() if m["name"] == "w")
+    assert row["prompt_cache_entries"] == 0  # the warm-up's sequences are not kept
+    assert row["in_flight"] == 0 and row["worker_in_flight"] == 0
+
+
+def test_auto_is_minimal_on_the_cpu_and_off_skips_it(tiny_dir: Path,
+                                                     start_gateway: Any) -> None:
+    gw = start_gateway({"gateway": {"port": 0},
+                        "models": {"a": _model(tiny_dir, None), "o": _model(tiny_dir, "off")}})
+    for name in ("a", "o"):
+        assert httpx.post(gw.url + "/api/load", json={"model": name}, timeout=120
+                          ).status_code == 200
+        assert _complete(gw, name)["usage"]["completion_tokens"] == 5
+    assert "warming" in _events(gw, "a")
+    assert "warming" not in _events(gw, "o")
+    assert len(re.findall(r"warm-up \(minimal\)", gw.log())) == 1
+
+
+def test_a_bad_warmup_mode_is_a_config_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from mlx_gw.config import ConfigError, load_config
+
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(f"models:\n  m: {{type: llm, path: {tiny_dir / 'tiny-0'}, warmup: always}}\n")
+    with pytest.raises(ConfigError, match="warmup"):
+        load_config(cfg)
+
+
+def test_cached_kv_costs_what_the_cache_counts(tiny_dir: Path) -> None:
+    """Each finished sequence's cache entry must not keep its batch's KV buffers alive: four
+    waves of 32 sequences, every one kept, and MLX's active memory grows by about the
+    bytes the prompt cache reports (without evaluating the copies it grew ~20x more)."""
+    import mlx.core as mx
+
+    from mlx_gw.worker.engines.llm import LLMEngine, load_model
+    from mlx_gw.worker.protocol import Generate, Load
+
+    model, tok, _ = load_model(Load(name="m", type="llm", path=str(tiny_dir / "tiny-long")))
+    engine = LLMEngine(model, tok, context_length=4096, max_batch=32,
+                       prompt_cache_bytes=1 << 40)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    rid = 0
+    for wave in range(4):
+        for i in range(32):
+            rid += 1
+            engine.submit(Generate(rid=rid, prompt=[1 + (wave * 97 + i * 7 + j) % 500
+                                                    for j in range(200)],
+                                   max_tokens=20 + i, temperature=0.0, ignore_eos=True))
+        while engine.busy:
+            engine.step()
+    mx.synchronize()
+    grown = mx.get_active_memory() - base
+    assert engine.prompt_cache.entries > 32
+    assert grown < 2 * engine.prompt_cache.nbytes + (16 << 20), (grown, engine.prompt_cache.nbytes)
+    engine.close()
