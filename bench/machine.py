@@ -27,7 +27,10 @@ def machine() -> dict[str, Any]:
 
 
 def revision() -> str:
-    """The checkout measured: `git describe --always --dirty`, or "unknown"."""
+    """The checkout measured: `git describe --always --dirty`, or "unknown". A copy without
+    its .git (the GPU machine's) names it in MLX_GW_REVISION."""
+    if os.environ.get("MLX_GW_REVISION"):
+        return os.environ["MLX_GW_REVISION"]
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, timeout=10, check=True,

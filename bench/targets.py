@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -126,9 +127,20 @@ async def read_prefixed(proc: asyncio.subprocess.Process, prefix: str) -> str:
 
 
 def free_port() -> int:
+    """A port free now (the OS picks it); a server given it may still find it taken, which
+    `server` sees in its log and answers by starting it again on another."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """The server's port was bound by someone else between free_port() and its start."""
+
+
+PORT_TAKEN = ("address already in use", "errno 98", "eaddrinuse")
+START_ATTEMPTS = 3
+LISTENING = re.compile(r"mlx-gw listening on (http://\S+)")
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -144,37 +156,58 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-async def _wait_http(proc: asyncio.subprocess.Process, url: str, log: Path) -> None:
+async def _wait_http(proc: asyncio.subprocess.Process, port: int, ready_path: str,
+                     log: Path) -> str:
+    """The server's base URL once GET `ready_path` answers 200. Port 0: the server picked
+    its own and says so in its log (`mlx-gw listening on URL`). Fails at once when the
+    process exits or its log says the port was taken, not after START_TIMEOUT_S."""
     deadline = time.monotonic() + START_TIMEOUT_S
+    base = f"http://127.0.0.1:{port}" if port else None
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
             if proc.returncode is not None:
-                tail = log.read_text(errors="replace")[-1500:]
-                raise RuntimeError(f"exited with {proc.returncode} before serving; log:\n{tail}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        return
+                raise RuntimeError(f"exited with {proc.returncode} before serving; log:\n"
+                                   f"{text[-1500:]}")
+            if any(m in text.lower() for m in PORT_TAKEN):
+                raise PortTaken(f"port {port} was taken; log:\n{text[-600:]}")
+            if base is None and (m := LISTENING.search(text)):
+                base = m.group(1).rstrip("/")
+            if base is not None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(base + ready_path,
+                                           timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        if resp.status == 200:
+                            return base
             await asyncio.sleep(0.25)
-    raise TimeoutError(f"{url} not up after {START_TIMEOUT_S:.0f}s; see {log}")
+    raise TimeoutError(f"{ready_path} not up after {START_TIMEOUT_S:.0f}s; see {log}")
 
 
 @contextlib.asynccontextmanager
-async def server(name: str, argv: list[str], ready_path: str, port: int, log: Path,
+async def server(name: str, argv: Callable[[int], list[str]], ready_path: str, log: Path,
                  env: dict[str, str], model_for: Callable[[str], str],
-                 extra: dict[str, Any]) -> AsyncIterator[HttpTarget]:
-    """A server child (own process group, output in `log`) on `port`, ready when
-    GET `ready_path` answers 200."""
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
-            start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        await _wait_http(proc, base + ready_path, log)
-        yield HttpTarget(name, base + "/v1", model_for, extra, [proc.pid])
-    finally:
-        await _stop(proc)
+                 extra: dict[str, Any], pick_port: bool = True) -> AsyncIterator[HttpTarget]:
+    """A server child (own process group, output in `log`), ready when GET `ready_path`
+    answers 200. `argv(port)` is its command line on a free port, started again on another
+    when that one turns out taken; with `pick_port` False it gets port 0 and reports the
+    one it bound in its log."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = free_port() if pick_port else 0
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv(port), stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
+                start_new_session=True)
+        try:
+            try:
+                base = await _wait_http(proc, port, ready_path, log)
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+                continue
+            yield HttpTarget(name, base + "/v1", model_for, extra, [proc.pid])
+            return
+        finally:
+            await _stop(proc)
 
 
 @contextlib.asynccontextmanager
@@ -193,15 +226,15 @@ async def gateway(name: str, models: dict[str, Path], log: Path, env: dict[str, 
                if prompt_cache_bytes is not None else {})}
     config = {"gateway": gw, "models": {m: {**spec, "path": str(p)} for m, p in models.items()}}
     (home / "models.yaml").write_text(json.dumps(config))  # JSON is YAML 1.2
-    port = free_port()
     argv = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground",
-            "--config", str(home / "models.yaml"), "--port", str(port)]
-    async with server(name, argv, "/health", port, log, {**env, "MLX_GW_HOME": str(home)},
-                      lambda m: m, extra) as target:
+            "--config", str(home / "models.yaml"), "--port", "0"]
+    async with server(name, lambda _: argv, "/health", log, {**env, "MLX_GW_HOME": str(home)},
+                      lambda m: m, extra, pick_port=False) as target:
+        base = target.base_url.removesuffix("/v1")
         if not max_loaded:
             async with aiohttp.ClientSession() as session:
                 for m in models:
-                    async with session.post(f"http://127.0.0.1:{port}/api/load",
+                    async with session.post(f"{base}/api/load",
                                             json={"model": m}) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"load {m}: {resp.status} {await resp.text()}")
@@ -230,23 +263,26 @@ def mlx_lm_server(model: Path, max_batch: int, log: Path, env: dict[str, str],
                   extra: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[HttpTarget]:
     """mlx-lm's own server, continuous batching up to `max_batch` decodes (its other settings
     at their defaults, as a user runs it). It serves any local model dir a request names."""
-    port = free_port()
-    argv = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port),
-            "--decode-concurrency", str(max_batch), "--log-level", "WARNING"]
-    return server("mlx_lm.server", argv, "/health", port, log, env,
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
+                "--port", str(port), "--decode-concurrency", str(max_batch),
+                "--log-level", "WARNING"]
+
+    return server("mlx_lm.server", argv, "/health", log, env,
                   lambda m: "default_model" if m == "bench" else m, extra)
 
 
 def llama_cpp_server(gguf: Path, threads: int, log: Path, env: dict[str, str],
                      extra: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[HttpTarget]:
     """llama-cpp-python's server on the GGUF: one request at a time, the rest queue."""
-    port = free_port()
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-            "--model_alias", "bench", "--port", str(port), "--n_threads", str(threads),
-            "--n_ctx", "4096", "--verbose", "False",
-            # its default lets each new request cut off the one being generated
-            "--interrupt_requests", "False"]
-    return server("llama.cpp", argv, "/v1/models", port, log, env, lambda m: "bench", extra)
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+                "--model_alias", "bench", "--port", str(port), "--n_threads", str(threads),
+                "--n_ctx", "4096", "--verbose", "False",
+                # its default lets each new request cut off the one being generated
+                "--interrupt_requests", "False"]
+
+    return server("llama.cpp", argv, "/v1/models", log, env, lambda m: "bench", extra)
 
 
 def vllm_mlx(venv: Path, model: Path, max_batch: int, log: Path, env: dict[str, str],
@@ -256,11 +292,12 @@ def vllm_mlx(venv: Path, model: Path, max_batch: int, log: Path, env: dict[str, 
     exe = venv / "bin" / "vllm-mlx"
     if not exe.exists():
         raise RuntimeError(f"{exe} not found: pip install vllm-mlx 'mlx[cpu]' into --peer-venv")
-    port = free_port()
-    argv = [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", "bench", "--offline", "--continuous-batching",
-            "--max-num-seqs", str(max_batch), "--completion-batch-size", str(max_batch)]
-    return server("vllm-mlx", argv, "/v1/models", port, log,
+    def argv(port: int) -> list[str]:
+        return [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", "bench", "--offline", "--continuous-batching",
+                "--max-num-seqs", str(max_batch), "--completion-batch-size", str(max_batch)]
+
+    return server("vllm-mlx", argv, "/v1/models", log,
                   {**env, "HF_HUB_OFFLINE": "1"}, lambda m: "bench", extra)
 
 
@@ -273,15 +310,17 @@ async def mlx_serve(venv: Path, model: Path, log: Path, env: dict[str, str],
     if not exe.exists():
         raise RuntimeError(f"{exe} not found: pip install mlx-serve into --peer-venv")
     home = Path(tempfile.mkdtemp(prefix="mlx-serve-"))
-    port, backend = free_port(), free_port()
-    (home / "models.yaml").write_text(json.dumps({
-        "mlx_port": backend, "manager_port": port, "inactivity_timeout_seconds": 3600,
-        "startup_timeout_seconds": 300,
-        "models": [{"name": "bench", "type": "text", "hf_path": str(model)}],
-        "monitoring": {"log_dir": str(home / "logs")}}))
-    argv = [str(exe), "start", "--host", "127.0.0.1", "--port", str(port)]
+
+    def argv(port: int) -> list[str]:
+        (home / "models.yaml").write_text(json.dumps({
+            "mlx_port": free_port(), "manager_port": port, "inactivity_timeout_seconds": 3600,
+            "startup_timeout_seconds": 300,
+            "models": [{"name": "bench", "type": "text", "hf_path": str(model)}],
+            "monitoring": {"log_dir": str(home / "logs")}}))
+        return [str(exe), "start", "--host", "127.0.0.1", "--port", str(port)]
+
     menv = {**env, "MLX_SERVE_CONFIG": str(home / "models.yaml"), "HF_HUB_OFFLINE": "1"}
-    async with server("mlx-serve", argv, "/v1/models", port, log, menv,
+    async with server("mlx-serve", argv, "/v1/models", log, menv,
                       lambda m: "bench", extra) as target:
         target.chat = True
         yield target

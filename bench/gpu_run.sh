@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU benchmark run (issue 20), reproducible: stage MLX's CUDA wheels on the device
+# machine, make the random-weight models, run the benchmarks, leave the results under $OUT.
+#
+# The device machine has no package index and takes at most 64 MiB a call, and the
+# mlx-cuda-13 wheel alone is 90 MB, so it travels in two parts:
+#   here, once:             bench/gpu_run.sh fetch            (.gpu/a, .gpu/b; git-ignored)
+#   device call 1, carry [".gpu/a"]:   bash bench/gpu_run.sh stage
+#   device call 2, carry [".gpu/b"], within 30 s of call 1 (the machine goes back when idle):
+#                           bash bench/gpu_run.sh run STEP...
+# STEPs run in order, each writing under $OUT (default bench/out/gpu):
+#   first      bench.first_request with warmup auto, fresh kernel cache, then a restart
+#   first-off  the same with warmup off (the first request compiles the kernels)
+#   bench      python3 -m bench, gateway vs in-process, 1 16 64 128 streams (the issue's run)
+#   bench2     the same again (the targets ask for two consecutive runs)
+#   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
+#   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
+# Each step's console output goes to $OUT/STEP.log; results to $OUT/STEP/ (results.json,
+# summary.md; the gateway's log with the worker's slow-step lines).
+# STAGE (default .gpu) is where the wheels were carried, relative to the repo root.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+stage=${STAGE:-.gpu}
+out=${OUT:-$root/bench/out/gpu}
+MLX=0.32.4
+
+fetch() {  # here: the wheels, the CUDA one split in two
+    mkdir -p "$stage/a" "$stage/b"
+    gd=$(git rev-parse --git-dir)
+    grep -qxF "/$stage/" "$gd/info/exclude" 2>/dev/null || echo "/$stage/" >> "$gd/info/exclude"
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp" \
+        mlx==$MLX mlx-cuda-13==$MLX mlx-lm pyzmq msgspec llguidance
+    cuda=$(ls "$tmp"/mlx_cuda_13-*.whl)
+    split -b 46m "$cuda" "$tmp/cuda.part."
+    mv "$tmp/cuda.part.aa" "$stage/a/"
+    mv "$tmp/cuda.part.ab" "$stage/b/"
+    basename "$cuda" > "$stage/b/cuda.name"
+    rm "$cuda"
+    mv "$tmp"/*.whl "$stage/b/"
+    rm -rf "$tmp"
+    du -sh "$stage/a" "$stage/b"
+}
+
+stage_a() {  # device call 1
+    mkdir -p /root/stash && cp "$stage"/a/* /root/stash/
+}
+
+setup() {  # device call 2: install into /root/site; mlx_gw from this checkout
+    local n
+    n=$(cat "$stage/b/cuda.name")
+    if [ ! -d /root/site/mlx ]; then
+        cat /root/stash/cuda.part.aa "$stage/b/cuda.part.ab" > "/tmp/$n"
+        python3 -m pip install -q --no-deps --no-compile --target /root/site "/tmp/$n" "$stage"/b/*.whl
+    fi
+    mkdir -p /root/site/mlx_gw
+    touch /root/site/mlx_gw/__init__.py
+    for d in gateway worker config formats; do ln -sfn "$root/$d" "/root/site/mlx_gw/$d"; done
+    export PYTHONPATH=/root/site:$root PYTHONUNBUFFERED=1 MLX_GW_BLAS=off
+    # A stall the warm-up missed shows as a worker log line in the gateway's log.
+    export MLX_GW_SLOW_STEP_MS=${MLX_GW_SLOW_STEP_MS:-200} MLX_GW_STEP_STATS=${MLX_GW_STEP_STATS:-1}
+    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+    mkdir -p "$out"
+    [ -f /root/m1b/config.json ] || python3 -m bench.make_model /root/m1b --shape llama-3.2-1b \
+        --dtype bfloat16 --bits 4
+}
+
+bench_run() {  # name, then python3 -m bench's arguments
+    local name=$1
+    shift
+    python3 -m bench --out "$out/$name" "$@" > "$out/$name.log" 2>&1 || echo "$name failed"
+    tail -n 40 "$out/$name.log"
+    cp "$out/$name/gateway.log" "$out/$name.gateway.log" 2>/dev/null || true
+}
+
+run() {
+    setup
+    for step in "$@"; do
+        echo "== $step $(date -u +%H:%M:%S)"
+        case $step in
+        first)
+            python3 -m bench.first_request --model-dir /root/m1b --warmup auto \
+                --max-batch 128 --ptx-cache "$(mktemp -d)" --log "$out/first.gateway.log" \
+                --out "$out/first.json" 2>&1 | tee "$out/first.log" ;;
+        first-off)
+            python3 -m bench.first_request --model-dir /root/m1b --warmup off \
+                --max-batch 128 --ptx-cache "$(mktemp -d)" --log "$out/first-off.gateway.log" \
+                --out "$out/first-off.json" 2>&1 | tee "$out/first-off.log" ;;
+        bench | bench2)
+            bench_run "$step" --model-dir /root/m1b --targets gateway in-process \
+                --streams 1 16 64 128 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
+        server)
+            bench_run server --model-dir /root/m1b --targets gateway in-process mlx_lm.server \
+                --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 1 ;;
+        8b)
+            [ -f /root/m8b/config.json ] || python3 -m bench.make_model /root/m8b \
+                --shape llama-3.1-8b --dtype bfloat16 --bits 4
+            bench_run 8b --model-dir /root/m8b --targets gateway in-process mlx_lm.server \
+                --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 1 ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+        esac
+    done
+}
+
+case ${1:-} in
+fetch) fetch ;;
+stage) stage_a ;;
+run) shift; run "$@" ;;
+*) sed -n 2,22p "$0"; exit 2 ;;
+esac
