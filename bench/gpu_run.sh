@@ -9,20 +9,25 @@
 #   device call 2, carry [".gpu/b"], within 30 s of call 1 (the machine goes back when idle):
 #                           bash bench/gpu_run.sh run STEP...
 # STEPs run in order, each writing under $OUT (default bench/out/gpu):
-#   first      bench.first_request with warmup auto, fresh kernel cache, then a restart
-#   first-off  the same with warmup off (the first request compiles the kernels)
+#   first      bench.first_request with warmup auto (kernel cache empty on a fresh machine),
+#              then a restart
+#   first-off  warmup off, a new empty kernel cache (the first request compiles the kernels)
 #   bench      python3 -m bench, gateway vs in-process, 1 16 64 128 streams (the issue's run)
 #   bench2     the same again (the targets ask for two consecutive runs)
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
-# Each step's console output goes to $OUT/STEP.log; results to $OUT/STEP/ (results.json,
-# summary.md; the gateway's log with the worker's slow-step lines).
-# STAGE (default .gpu) is where the wheels were carried, relative to the repo root.
+# Each step's console output goes to STEP.log, its results to STEP/ (results.json, summary.md,
+# the gateway's log with the worker's step lines), all in $OUT/gpu-results.tgz (the device
+# returns at most 8 files), refreshed after every step; each summary is printed too.
+# STEP_TIMEOUT (s, default 400) bounds each step. STAGE (default .gpu, from the repo root)
+# is where the wheels were carried. MLX_PTX_CACHE_DIR (default /root/ptx: empty on a fresh
+# machine) holds the compiled kernels for all steps.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 stage=${STAGE:-.gpu}
-out=${OUT:-$root/bench/out/gpu}
+out=/root/gpu-out
+[ -n "${OUT:-}" ] || out=$root/bench/out/gpu
 MLX=0.32.4
 
 fetch() {  # here: the wheels, the CUDA one split in two
@@ -60,6 +65,7 @@ setup() {  # device call 2: install into /root/site; mlx_gw from this checkout
     touch /root/site/mlx_gw/__init__.py
     for d in gateway worker config formats; do ln -sfn "$root/$d" "/root/site/mlx_gw/$d"; done
     export PYTHONPATH=/root/site:$root PYTHONUNBUFFERED=1 MLX_GW_BLAS=off
+    export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-/root/ptx}
     # A stall the warm-up missed shows as a worker log line in the gateway's log.
     export MLX_GW_SLOW_STEP_MS=${MLX_GW_SLOW_STEP_MS:-200} MLX_GW_STEP_STATS=${MLX_GW_STEP_STATS:-1}
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
@@ -72,24 +78,28 @@ setup() {  # device call 2: install into /root/site; mlx_gw from this checkout
 bench_run() {  # name, then python3 -m bench's arguments
     local name=$1
     shift
-    python3 -m bench --out "$out/$name" "$@" > "$out/$name.log" 2>&1 || echo "$name failed"
-    tail -n 40 "$out/$name.log"
-    cp "$out/$name/gateway.log" "$out/$name.gateway.log" 2>/dev/null || true
+    timeout "${STEP_TIMEOUT:-400}" python3 -m bench --out "$out/$name" "$@" > "$out/$name.log" \
+        2>&1 || echo "$name failed or timed out"
+    cat "$out/$name/summary.md" 2>/dev/null || tail -n 30 "$out/$name.log"
+    grep -h "a step took\|warm-up (" "$out/$name/gateway.log" 2>/dev/null | cut -c 1-240 | tail -n 20 || true
 }
 
 run() {
     setup
     for step in "$@"; do
+        pack
         echo "== $step $(date -u +%H:%M:%S)"
         case $step in
         first)
-            python3 -m bench.first_request --model-dir /root/m1b --warmup auto \
-                --max-batch 128 --ptx-cache "$(mktemp -d)" --log "$out/first.gateway.log" \
-                --out "$out/first.json" 2>&1 | tee "$out/first.log" ;;
+            timeout "${STEP_TIMEOUT:-400}" python3 -m bench.first_request --model-dir /root/m1b \
+                --warmup auto --max-batch 128 --ptx-cache "$MLX_PTX_CACHE_DIR" \
+                --log "$out/first.gateway.log" --out "$out/first.json" 2>&1 | tee "$out/first.log" || true
+            grep -h "warm-up (\|loaded" "$out/first.gateway.log" | cut -c 1-400 || true ;;
         first-off)
-            python3 -m bench.first_request --model-dir /root/m1b --warmup off \
-                --max-batch 128 --ptx-cache "$(mktemp -d)" --log "$out/first-off.gateway.log" \
-                --out "$out/first-off.json" 2>&1 | tee "$out/first-off.log" ;;
+            timeout "${STEP_TIMEOUT:-400}" python3 -m bench.first_request --model-dir /root/m1b \
+                --warmup off --max-batch 128 --ptx-cache "$(mktemp -d)" \
+                --log "$out/first-off.gateway.log" --out "$out/first-off.json" 2>&1 \
+                | tee "$out/first-off.log" || true ;;
         bench | bench2)
             bench_run "$step" --model-dir /root/m1b --targets gateway in-process \
                 --streams 1 16 64 128 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
@@ -104,6 +114,12 @@ run() {
         *) echo "unknown step $step" >&2; exit 2 ;;
         esac
     done
+    pack
+    echo "== done $(date -u +%H:%M:%S)"
+}
+
+pack() {  # everything so far into $OUT/gpu-results.tgz (on the device)
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-results.tgz" -C "$out" . 2>/dev/null || true; fi
 }
 
 case ${1:-} in
