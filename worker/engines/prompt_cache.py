@@ -37,6 +37,11 @@ MAX_DEFAULT_BYTES = 4 * 2**30
 MAX_ENTRIES = 256  # beyond the byte budget: many tiny entries cost lookups, not memory
 _KEY = "model"  # one model per worker
 SPILL_ON_CLOSE_S = 3.0  # the gateway waits 5 s for a worker to exit after Shutdown
+# A shorter hit is refused: it saves a few tokens of prefill but costs a copy of the whole
+# entry and sends the request down the batch's cache-merging path. Prompts that share only a
+# template's opening ("Request 12: ..." in the benchmark) hit 5-10 tokens: on an H200 that
+# made every gateway request slower than the same request in-process (issue 20).
+MIN_HIT_TOKENS = 32
 
 
 def default_max_bytes(weight_bytes: int, memory_limit_bytes: int | None) -> int:
@@ -93,7 +98,9 @@ class PromptCache:
         if self.max_bytes <= 0 or len(tokens) < 2:
             self.miss_tokens += len(tokens)
             return None, 0
-        cache, rest = self._lru.fetch_nearest_cache(_KEY, tokens)
+        cache, rest = None, tokens
+        if self._reusable(tokens) >= MIN_HIT_TOKENS:
+            cache, rest = self._lru.fetch_nearest_cache(_KEY, tokens)
         n = len(tokens) - len(rest) if cache is not None else 0
         if cache is not None and n >= len(tokens):  # an exact hit: give one token back
             if can_trim_prompt_cache(cache):
@@ -101,16 +108,28 @@ class PromptCache:
                 n = len(tokens) - 1
             else:
                 cache, n = None, 0
-        if cache is not None and n <= 0:
+        if cache is not None and n < MIN_HIT_TOKENS:
             cache, n = None, 0
         if self.disk is not None:  # memory first; disk only for a longer prefix
-            found, m = self.disk.load(tokens, better_than=n)
+            found, m = self.disk.load(tokens, better_than=max(n, MIN_HIT_TOKENS - 1))
             if found is not None:
                 cache, n = found, m
                 self.disk_hit_tokens += n
         self.hit_tokens += n
         self.miss_tokens += len(tokens) - n
         return cache, n
+
+    def _reusable(self, tokens: list[int]) -> int:
+        """How many leading tokens the memory tier could serve, found without copying an
+        entry (fetch_nearest_cache copies whatever it finds)."""
+        trie = getattr(self._lru, "_trie", None)
+        if not isinstance(trie, PromptTrie):  # another mlx-lm's internals: let it decide
+            return len(tokens)
+        found = trie.search(_KEY, tokens)
+        if found.exact is not None:
+            return len(tokens)
+        shorter = len(found.shorter) if found.shorter is not None else 0
+        return max(shorter, found.common_prefix if found.longer is not None else 0)
 
     def store(self, tokens: list[int], cache: list[Any] | None) -> None:
         """Keep `cache` (which holds exactly `tokens`) for later prompts that start with them."""
