@@ -72,7 +72,7 @@ def test_full_warm_up_shows_warming_then_serves(tiny_dir: Path, start_gateway: A
     body = _complete(gw, "w")
     assert body["usage"]["completion_tokens"] == 5
     line = re.search(r"warm-up \(full\): (\d+) steps", gw.log())
-    assert line and int(line.group(1)) > WARM_BATCH, "the decode sizes 1..max_batch ran"
+    assert line and int(line.group(1)) > 20, line  # prefill shapes, then decode sizes
     row = next(m for m in gw.ps() if m["name"] == "w")
     assert row["prompt_cache_entries"] == 0  # the warm-up's sequences are not kept
     assert row["in_flight"] == 0 and row["worker_in_flight"] == 0
@@ -127,4 +127,34 @@ def test_cached_kv_costs_what_the_cache_counts(tiny_dir: Path) -> None:
     grown = mx.get_active_memory() - base
     assert engine.prompt_cache.entries > 32
     assert grown < 2 * engine.prompt_cache.nbytes + (16 << 20), (grown, engine.prompt_cache.nbytes)
+    engine.close()
+
+
+def test_a_short_shared_opening_is_no_cache_hit(tiny_dir: Path) -> None:
+    """Prompts that share only a few leading tokens with a cached entry (a template's
+    opening) prefill from scratch: the hit would save little and cost a copy of the entry
+    and the cache-merging path. A long shared prefix still hits."""
+    from mlx_gw.worker.engines.llm import LLMEngine, load_model
+    from mlx_gw.worker.engines.prompt_cache import MIN_HIT_TOKENS
+    from mlx_gw.worker.protocol import Generate, Load
+
+    model, tok, _ = load_model(Load(name="m", type="llm", path=str(tiny_dir / "tiny-long")))
+    engine = LLMEngine(model, tok, context_length=4096, max_batch=4, prompt_cache_bytes=1 << 30)
+    base = [1 + (j * 7) % 500 for j in range(200)]
+
+    def cached(rid: int, prompt: list[int]) -> int:
+        engine.submit(Generate(rid=rid, prompt=prompt, max_tokens=2, temperature=0.0,
+                               ignore_eos=True))
+        first = None
+        while engine.busy:
+            for d in engine.step():
+                first = d if first is None else first
+        assert first is not None
+        return first.cached_tokens
+
+    assert cached(1, base) == 0
+    short = base[:MIN_HIT_TOKENS - 4] + [499 - j % 400 for j in range(150)]
+    assert cached(2, short) == 0
+    long = base[:150] + [3, 5, 7, 11]
+    assert cached(3, long) >= 150
     engine.close()

@@ -3,10 +3,11 @@
 On a GPU backend the first step of each new shape compiles kernels: on an H200 (MLX CUDA) the
 first request after a load took 81 s, and a batch size first seen mid-run stalls every stream
 in it. So the worker runs, before Ready (the gateway shows the model as `warming`):
-  * prefill batches of 1, 2, 4 .. prefill_batch sequences, each at a short prompt and at one
-    full prefill chunk (PREFILL_STEP_TOKENS), the shapes a prompt is cut into;
-  * decode batches of every size from 1 to max_batch: one sequence joins per step (each join
-    also runs the batch-merge path), then they all finish together.
+  * prefill batches of 1, 2, 4 .. prefill_batch sequences, each at a short, an unaligned and
+    a full-chunk prompt; then one batch of unequal prompts, one longer than a chunk;
+  * decode batches of 1, 2, 4 .. max_batch sequences.
+Measured on a fresh H200 (MLX CUDA 0.32.4, 1B shapes): compiling happened in the first steps
+of each prompt shape (up to ~60 s each), never for a new decode batch size once one had run.
 Nothing of it reaches the prompt cache or the counters. Modes (models.yaml `warmup`):
 `off`; `minimal`: one two-token generation (lazy initialisation only); `full`: the shapes;
 `auto`: `full` on a GPU (CUDA, Metal), `minimal` on the CPU, where nothing is compiled.
@@ -27,6 +28,7 @@ log = logging.getLogger("mlxgw.worker")
 
 MODES = ("auto", "off", "minimal", "full")
 SHORT_PROMPT_TOKENS = 17  # 16 prefilled, the last one starts decoding
+UNALIGNED_PROMPT_TOKENS = 100  # a length no kernel tile divides (H200: its own kernels)
 _NO_STOP = StopSequences(None)  # warm-up sequences never stop early on an EOS
 
 
@@ -46,27 +48,22 @@ def _prompt(n: int, seed: int, vocab: int) -> list[int]:
 SLOW_STEP_S = 0.5  # a warm-up step this long compiled something: logged with its batch
 
 
-def _run(engine: Any, prompts: list[list[int]], max_tokens: int, *, stagger: bool,
-         slow: list[str]) -> int:
-    """Insert `prompts` (all at once, or one per step when `stagger`) and step until every
-    one has finished; returns the steps taken. Steps over SLOW_STEP_S go into `slow`."""
+def _sizes(most: int) -> list[int]:
+    """1, 2, 4 .. up to `most`, and `most` itself."""
+    out = [1 << i for i in range(most.bit_length()) if 1 << i < most]
+    return [*out, most]
+
+
+def _run(engine: Any, prompts: list[list[int]], max_tokens: int, slow: list[str]) -> int:
+    """Insert `prompts` together and step until every one has finished; returns the steps
+    taken. Steps over SLOW_STEP_S go into `slow`."""
     gen = engine.batch_generator
-    pending = list(prompts)
-    live: set[int] = set()
+    n = len(prompts)
+    live = set(gen.insert(prompts, max_tokens=[max_tokens] * n, samplers=[None] * n,
+                          stop_sequences=[_NO_STOP] * n,
+                          caches=[engine.new_cache() for _ in prompts]))
     steps = 0
-
-    def insert(batch: list[list[int]]) -> None:
-        n = len(batch)
-        live.update(gen.insert(batch, max_tokens=[max_tokens] * n, samplers=[None] * n,
-                               stop_sequences=[_NO_STOP] * n,
-                               caches=[engine.new_cache() for _ in batch]))
-
-    if not stagger:
-        insert(pending)
-        pending = []
-    while pending or live:
-        if pending:
-            insert([pending.pop(0)])
+    while live:
         t0 = time.perf_counter()
         _, responses = gen.next()
         if (took := time.perf_counter() - t0) > SLOW_STEP_S:
@@ -86,26 +83,28 @@ def warm_up(engine: Any, mode: str, name: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
     vocab = engine.vocab_size
     slow: list[str] = []
-    steps = _run(engine, [_prompt(2, 0, vocab)], 2, stagger=False, slow=slow)
+    steps = _run(engine, [_prompt(2, 0, vocab)], 2, slow)
     first = time.perf_counter() - t0
     if mode == "full":
         gen = engine.batch_generator
-        chunk = min(engine.prefill_step_tokens + 1, engine.context_length - 1)
-        k = 1
-        while k <= gen.prefill_batch_size:
-            for length in (SHORT_PROMPT_TOKENS, chunk):
+        most = engine.context_length - 1
+        lengths = sorted({min(n, most) for n in (SHORT_PROMPT_TOKENS, UNALIGNED_PROMPT_TOKENS,
+                                                   engine.prefill_step_tokens + 1)})
+        for k in _sizes(gen.prefill_batch_size):
+            for length in lengths:
                 steps += _run(engine, [_prompt(length, k * 31 + j, vocab) for j in range(k)],
-                              1, stagger=False, slow=slow)
-            k *= 2
-        if k // 2 != gen.prefill_batch_size:
-            steps += _run(engine, [_prompt(SHORT_PROMPT_TOKENS, 900 + j, vocab)
-                                   for j in range(gen.prefill_batch_size)], 1, stagger=False,
-                          slow=slow)
-        n = gen.completion_batch_size
-        # One joins per step, so the batch decodes at every size up to n (the first ones
-        # outlive the last join), then at every size down as they finish one per step.
-        steps += _run(engine, [_prompt(SHORT_PROMPT_TOKENS, 1000 + j, vocab) for j in range(n)],
-                      n + 4, stagger=True, slow=slow)
+                              1, slow)
+        # Unequal prompts in one prefill batch (padding, masks), and one longer than a chunk
+        # (the second chunk attends to the first: a prefill on top of a cache).
+        mixed = [min(most, SHORT_PROMPT_TOKENS + j * 67) for j in range(gen.prefill_batch_size)]
+        mixed[-1] = min(most, 2 * engine.prefill_step_tokens - UNALIGNED_PROMPT_TOKENS)
+        steps += _run(engine, [_prompt(n, 500 + j, vocab) for j, n in enumerate(mixed)], 2,
+                      slow)
+        # Decode batches of 1, 2, 4 .. max_batch (the prefill groups join one after another,
+        # so their caches merge with unequal lengths on the way).
+        for b in _sizes(gen.completion_batch_size):
+            steps += _run(engine, [_prompt(SHORT_PROMPT_TOKENS, 1000 + b + j, vocab)
+                                   for j in range(b)], 3, slow)
     mx.clear_cache()
     took = time.perf_counter() - t0
     log.info("[worker:%s] warm-up (%s): %d steps in %.2fs (the first %.2fs)%s", name, mode,
