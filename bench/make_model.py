@@ -12,6 +12,8 @@ visible text (so the first streamed chunk is the first token). Both follow from 
 embedding rows (tied, so also the output rows) of EOS, of byte tokens that are partial UTF-8
 and of every id past the tokenizer's vocabulary are zero. Their logits are then exactly 0, while
 the largest of the ~500 remaining random logits is positive, so greedy never picks them.
+Whitespace-only tokens are zeroed too: mlx-lm's streaming detokenizer holds a lone space
+back until the next token, so a greedy loop on one streamed nothing for seconds.
 
     python -m bench.make_model [DEST]     # default bench/out/smollm2-135m-shape-f32
     python -m bench.make_model /tmp/llama1b --shape llama-3.2-1b --dtype bfloat16 --bits 4
@@ -91,11 +93,13 @@ def _train_tokenizer() -> object:
 
 
 def _visible_ids(fast: object, n: int) -> list[int]:
-    """Ids (below n) that decode on their own to non-empty printable ASCII."""
+    """Ids (below n) that decode on their own to printable ASCII, not only whitespace: a
+    streaming detokenizer holds a lone space back until the next token, so a greedy loop on
+    one held its text for seconds and looked like a stall (issue 20)."""
     ok = []
     for i in range(n):
         text = fast.decode([i])  # type: ignore[attr-defined]
-        if text and text.isascii() and text.isprintable():
+        if text and text.isascii() and text.isprintable() and not text.isspace():
             ok.append(i)
     return ok
 
