@@ -212,11 +212,11 @@ def _warm_up(engine: Engine, load: p.Load, send, t0: float) -> None:
         return
     from mlx_gw.worker.engines import warmup
 
-    if warmup.resolve(load.warmup) == "off":
-        return
-    send(p.Warming(pid=os.getpid(), load_seconds=time.perf_counter() - t0,
-                   memory_bytes=memory_bytes()))
-    warmup.warm_up(engine, load.warmup, load.name)
+    mode = warmup.resolve(load.warmup)
+    if mode == "full":  # the minimal one (the CPU's) takes milliseconds: no state of its own
+        send(p.Warming(pid=os.getpid(), load_seconds=time.perf_counter() - t0,
+                       memory_bytes=memory_bytes()))
+    warmup.warm_up(engine, mode, load.name)
 
 
 def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:

@@ -155,7 +155,7 @@ class Ready(_Msg, tag="ready"):
 
 class Warming(_Msg, tag="warming"):
     """The weights are loaded; the worker now runs its batch shapes once (a GPU compiles
-    kernels for each) and says Ready after. Only sent when there is a warm-up to run."""
+    kernels for each) and says Ready after. Only sent for the full warm-up."""
 
     pid: int
     load_seconds: float
