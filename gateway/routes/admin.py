@@ -8,8 +8,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from mlx_gw.gateway.errors import NotFound
 from mlx_gw.gateway.state import SUPERVISOR
-from mlx_gw.gateway.supervision.status import iso
+from mlx_gw.gateway.supervision.status import State, iso
 from mlx_gw.gateway.translate.schemas import Name, decode, keep_alive_param
 
 routes = web.RouteTableDef()
@@ -27,10 +28,28 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
+    """Readiness for a load balancer (LiteLLM's health checks, Kubernetes): 200 or 503, and
+    loads nothing. With `?model=NAME`: 200 only while NAME (or an alias) is resident and
+    ready here, so a router can keep NAME's requests on the gateways that hold it; 404 for a
+    name that is not configured. A draining gateway (SIGTERM) answers 503 for everything from
+    its first draining moment, while its streams still run, so it stops being chosen."""
     sup = request.app[SUPERVISOR]
-    body: dict[str, Any] = {"status": "draining" if sup.draining else "ready",
-                            "models": len(sup.config.models)}
-    return web.json_response(body, status=503 if sup.draining else 200)
+    name = request.query.get("model")
+    if name is None:
+        body: dict[str, Any] = {"status": "draining" if sup.draining else "ready",
+                                "models": len(sup.config.models)}
+        return web.json_response(body, status=503 if sup.draining else 200)
+    model = sup.config.resolve(name)
+    if model is None and name in sup.aliases:
+        model = sup.config.models[sup.aliases[name]]
+    if model is None:
+        raise NotFound(f"The model '{name}' does not exist. Available models: "
+                       f"{', '.join(sup.config.models) or 'none configured'}", param="model")
+    state = "draining" if sup.draining else sup.status(model).state.value
+    ok = state == State.READY.value
+    return web.json_response({"status": state, "model": model.name},
+                             status=200 if ok else 503,
+                             headers=None if ok else {"Retry-After": "1"})
 
 
 @routes.get("/api/ps")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.auth import allows
-from mlx_gw.gateway.errors import GatewayError, TimedOut
+from mlx_gw.gateway.errors import GatewayError, TimedOut, Unavailable
 from mlx_gw.gateway.routes import metrics, vision
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
@@ -63,6 +63,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, req, model, completion_to_generate(req), chat=False)
 
 
+# A probe loads nothing and touches no expiry. `X-MLX-GW-Probe: resident` (what
+# docs/scale-out.md has LiteLLM's health checks send) answers 503 for a model that is not
+# resident here, as `/ready?model=` does, so health-check routing keeps a model's requests on
+# the gateways that hold it; other values answer a not-loaded model with an empty completion.
 PROBE_HEADER = "X-MLX-GW-Probe"
 # LiteLLM's background health check sends this prompt (its DEFAULT_HEALTH_CHECK_PROMPT).
 LITELLM_HEALTH_PROMPT = "test from litellm"
@@ -70,7 +74,7 @@ LITELLM_HEALTH_PROMPT = "test from litellm"
 
 def is_probe(request: web.Request, req: ChatRequest | CompletionRequest) -> bool:
     """A health probe: answered by a loaded model, or without loading one."""
-    if request.headers.get(PROBE_HEADER, "").lower() in ("1", "true", "yes"):
+    if request.headers.get(PROBE_HEADER, "").lower() in ("1", "true", "yes", "resident"):
         return True
     msgs = getattr(req, "messages", None)
     return (isinstance(msgs, list) and len(msgs) == 1 and msgs[0].get("role") == "user"
@@ -86,6 +90,9 @@ async def _complete(
     out = _Shaper(model.name, chat, tools=gen.tools, n=req.n)
     probe = is_probe(request, req)
     if probe and not sup.is_ready(model):
+        if request.headers.get(PROBE_HEADER, "").lower() == "resident":  # a router's health check
+            raise Unavailable(f"The model '{model.name}' is not resident on this gateway",
+                              code="model_not_resident", retry_after=1)
         return await _probe_answer(request, req, out)
     sse = _SSE(request, out) if req.stream else None
     try:
