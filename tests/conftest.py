@@ -82,7 +82,7 @@ class GatewayProc:
     config at all (a clean HOME and working directory): the embedded defaults."""
 
     def __init__(self, config: dict[str, Any] | None, workdir: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, port: int = 0):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.home = workdir / "home"
@@ -90,7 +90,7 @@ class GatewayProc:
         inherited = {k: v for k, v in os.environ.items()
                      if k not in ("MLX_GW_API_KEY", "MLX_GW_CONFIG")}
         full_env = {**inherited, "MLX_GW_HOME": str(self.home), **(env or {})}
-        args = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground", "--port", "0"]
+        args = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground", "--port", str(port)]
         if config is not None:
             self.config_path = workdir / "models.yaml"
             self.config_path.write_text(yaml.safe_dump(config))

@@ -32,24 +32,29 @@ async def ready(request: web.Request) -> web.Response:
     loads nothing. With `?model=NAME`: 200 only while NAME (or an alias) is resident and
     ready here, so a router can keep NAME's requests on the gateways that hold it; 404 for a
     name that is not configured. A draining gateway (SIGTERM) answers 503 for everything from
-    its first draining moment, while its streams still run, so it stops being chosen."""
+    its first draining moment, while its streams still run, so it stops being chosen. A 503
+    also carries an OpenAI-shaped `error`, as every other error does."""
     sup = request.app[SUPERVISOR]
     name = request.query.get("model")
+    body: dict[str, Any]
     if name is None:
-        body: dict[str, Any] = {"status": "draining" if sup.draining else "ready",
-                                "models": len(sup.config.models)}
-        return web.json_response(body, status=503 if sup.draining else 200)
-    model = sup.config.resolve(name)
-    if model is None and name in sup.aliases:
-        model = sup.config.models[sup.aliases[name]]
-    if model is None:
-        raise NotFound(f"The model '{name}' does not exist. Available models: "
-                       f"{', '.join(sup.config.models) or 'none configured'}", param="model")
-    state = "draining" if sup.draining else sup.status(model).state.value
-    ok = state == State.READY.value
-    return web.json_response({"status": state, "model": model.name},
-                             status=200 if ok else 503,
-                             headers=None if ok else {"Retry-After": "1"})
+        body = {"status": "draining" if sup.draining else "ready",
+                "models": len(sup.config.models)}
+    else:
+        model = sup.config.resolve(name)
+        if model is None and name in sup.aliases:
+            model = sup.config.models[sup.aliases[name]]
+        if model is None:
+            raise NotFound(f"The model '{name}' does not exist. Available models: "
+                           f"{', '.join(sup.config.models) or 'none configured'}", param="model")
+        state = "draining" if sup.draining else sup.status(model).state.value
+        body = {"status": state, "model": model.name}
+    if body["status"] == State.READY.value:
+        return web.json_response(body)
+    why = ("The gateway is shutting down" if sup.draining else
+           f"The model '{body['model']}' is not resident here (state: {body['status']})")
+    body["error"] = {"message": why, "type": "server_error", "code": "not_ready"}
+    return web.json_response(body, status=503, headers={"Retry-After": "1"})
 
 
 @routes.get("/api/ps")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mlx_gw.config import ModelConfig
 from mlx_gw.gateway.auth import allows
-from mlx_gw.gateway.errors import GatewayError, TimedOut, Unavailable
+from mlx_gw.gateway.errors import GatewayError, TimedOut
 from mlx_gw.gateway.routes import metrics, vision
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
@@ -64,12 +64,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 # A probe loads nothing and touches no expiry. `X-MLX-GW-Probe: resident` (what
-# docs/scale-out.md has LiteLLM's health checks send) answers 503 for a model that is not
+# docs/scale-out.md has LiteLLM's health checks send) answers 412 for a model that is not
 # resident here, as `/ready?model=` does, so health-check routing keeps a model's requests on
 # the gateways that hold it; other values answer a not-loaded model with an empty completion.
 PROBE_HEADER = "X-MLX-GW-Probe"
 # LiteLLM's background health check sends this prompt (its DEFAULT_HEALTH_CHECK_PROMPT).
 LITELLM_HEALTH_PROMPT = "test from litellm"
+
+
+def not_resident(name: str) -> GatewayError:
+    """The resident probe's answer for a model not loaded here: 412 (its precondition failed),
+    which fails LiteLLM's health check (the deployment leaves the pool) without the cooldown
+    that 429/5xx would also put on it: a standby must stay usable for failover."""
+    err = GatewayError(f"The model '{name}' is not resident on this gateway",
+                       code="model_not_resident")
+    err.status, err.type = 412, "invalid_request_error"
+    return err
 
 
 def is_probe(request: web.Request, req: ChatRequest | CompletionRequest) -> bool:
@@ -91,8 +101,7 @@ async def _complete(
     probe = is_probe(request, req)
     if probe and not sup.is_ready(model):
         if request.headers.get(PROBE_HEADER, "").lower() == "resident":  # a router's health check
-            raise Unavailable(f"The model '{model.name}' is not resident on this gateway",
-                              code="model_not_resident", retry_after=1)
+            raise not_resident(model.name)
         return await _probe_answer(request, req, out)
     sse = _SSE(request, out) if req.stream else None
     try:

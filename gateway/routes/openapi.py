@@ -157,9 +157,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     # Admin
     ("GET", "/health"): Op("Liveness", "admin", ok={"type": "object", "required": ["status"],
                                                     "properties": {"status": {"const": "ok"}}}),
-    ("GET", "/ready"): Op("Readiness (loads nothing)", "admin",
+    ("GET", "/ready"): Op("Readiness (loads nothing); with ?model=, whether it is resident",
+                          "admin", query=(("model", _STR, False),),
                           ok={"type": "object", "required": ["status"],
-                              "properties": {"status": _STR, "models": _INT}}),
+                              "properties": {"status": _STR, "models": _INT, "model": _STR}}),
     ("GET", "/metrics"): Op("Prometheus metrics", "admin", ok_types=("text/plain",)),
     ("GET", "/openapi.json"): Op("This document", "admin", ok=_OBJ),
     ("GET", "/dashboard"): Op("The dashboard page", "admin", ok_types=("text/html",),
