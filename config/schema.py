@@ -15,9 +15,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from mlx_gw.config.durations import parse_bytes
+
+if TYPE_CHECKING:
+    from mlx_gw.config.distributed import DistributedConfig
 
 ModelType = Literal["llm", "vlm", "embedding", "tts", "stt"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
@@ -196,6 +199,7 @@ class ModelConfig:
     kv_bits: int | None = None  # 4 or 8: KV stored quantized (batched); None: full precision
     kv_group_size: int = 64
     warmup: str = "auto"  # batch shapes run at load: auto | off | minimal | full
+    distributed: DistributedConfig | None = None  # N ranks (config/distributed.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -301,6 +305,8 @@ MODEL_KEY_DOCS: dict[str, str] = {
               "`warming`), so no request waits for a GPU's kernels to compile: auto (full on "
               "a GPU, minimal on the CPU) | full (prefill batches 1..8, decode batches "
               "1..max_batch) | minimal (one short generation) | off",
+    "distributed": "one model across N processes with mlx.distributed: {ranks: N, backend: "
+                   "ring | mpi | nccl, hosts: [one per rank, default 127.0.0.1]}; llm only",
     "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
     "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mlx_gw.config.distributed import check_distributed, check_distributed_model
 from mlx_gw.config.fields import (
     NAME_RE,
     NAME_RULE,
@@ -175,6 +176,7 @@ def _parse_model(
         disk = _expand_user(cache.disk, env)
         disk = disk if disk.is_absolute() else base_dir / disk
         values["prompt_cache"] = replace(cache, disk=os.path.normpath(disk))
+    check_distributed_model(values, prefix)
     return ModelConfig(**values)
 
 
@@ -256,6 +258,7 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "kv_bits": optional(partial(check_int_choice, choices=(4, 8))),
     "kv_group_size": partial(check_int_choice, choices=(32, 64, 128)),
     "warmup": partial(check_choice, choices=WARMUP_MODES),
+    "distributed": optional(check_distributed),
 }
 
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 import zmq
 
@@ -151,7 +152,10 @@ def _preimport() -> None:
         log.warning("could not pre-import mlx-lm: %s", e)
 
 
-def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
+def run(*, rx_addr: str, tx_addr: str, parent_pid: int,
+        make_engine: Callable[[p.Load], Engine] | None = None) -> int:
+    """Serve one model until Shutdown. `make_engine` (default: the model type's engine)
+    is how a distributed rank 0 wraps its engine (worker/distributed.py)."""
     watch_parent(parent_pid)
     # The gateway owns our lifecycle: a Ctrl-C meant for it must not kill us mid-request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -181,7 +185,7 @@ def run(*, rx_addr: str, tx_addr: str, parent_pid: int) -> int:
     try:
         if load.memory_limit_bytes:
             mx.set_memory_limit(load.memory_limit_bytes)
-        engine = _make_engine(load)
+        engine = (make_engine or _make_engine)(load)
         _warm_up(engine, load, send, t0)
     except Exception as e:
         traceback.print_exc()

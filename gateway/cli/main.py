@@ -203,6 +203,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print(fmt.format(m["name"], m["type"], m["pid"] or "-", m["state"],
                          f"{m['memory_bytes'] / 2**20:.0f} MiB", m["in_flight"],
                          m["expires_at"] or "never", _blas_label(m.get("blas"))))
+        for r in m.get("ranks", []):  # a distributed worker: one line per rank under it
+            print(fmt.format(f"  rank {r['rank']} @ {r['host']}", "", r["pid"], "",
+                             f"{r['memory_bytes'] / 2**20:.0f} MiB", "", "", ""))
     return 0
 
 

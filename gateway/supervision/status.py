@@ -46,6 +46,7 @@ class ModelStatus:
     prompt_cache_bytes: int = 0  # KV the worker keeps across requests (within memory_bytes)
     prompt_cache_entries: int = 0
     prompt_cache_disk_bytes: int = 0  # its entries in the disk tier (not memory)
+    ranks: tuple[dict[str, Any], ...] = ()  # a distributed worker's: rank, host, pid, memory
 
     @property
     def resident(self) -> bool:
@@ -74,6 +75,7 @@ class ModelStatus:
             "prompt_cache_entries": self.prompt_cache_entries,
             "prompt_cache_disk_bytes": self.prompt_cache_disk_bytes,
             "error": self.error,
+            **({"ranks": list(self.ranks)} if self.ranks else {}),
         }
 
 
@@ -95,4 +97,4 @@ def handle_status(h: Any) -> ModelStatus:
         worker_in_flight=h.worker_in_flight, context_length=h.context_length,
         loaded_at=h.loaded_at, error=h.error, blas=h.blas if resident else None,
         prompt_cache_bytes=c.prompt_cache_bytes, prompt_cache_entries=c.prompt_cache_entries,
-        prompt_cache_disk_bytes=c.prompt_cache_disk_bytes)
+        prompt_cache_disk_bytes=c.prompt_cache_disk_bytes, ranks=h.ranks)

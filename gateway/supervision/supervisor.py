@@ -29,6 +29,7 @@ from typing import Any
 from mlx_gw.config import UNSET, Config, ModelConfig
 from mlx_gw.gateway.errors import BadRequest, Conflict, NotFound, QueueFull
 from mlx_gw.gateway.supervision.ceiling import Ceiling
+from mlx_gw.gateway.supervision.distributed import process_source
 from mlx_gw.gateway.supervision.kinds import check_kind
 from mlx_gw.gateway.supervision.leases import Phase
 from mlx_gw.gateway.supervision.status import LOADED, ModelStatus, State
@@ -121,7 +122,7 @@ class Supervisor:
         if h is None:
             h = WorkerHandle(
                 model,
-                get_process=self._process_for,
+                get_process=process_source(model, self._process_for, self._ipc_dir, self._env),
                 admit=self.room.admit,
                 load_timeout_s=self.config.gateway.load_timeout,
                 request_timeout_s=self.config.gateway.request_timeout,
@@ -349,8 +350,7 @@ class Supervisor:
         return self.room.resident_bytes()
 
     def is_ready(self, model: ModelConfig) -> bool:
-        h = self._handles.get(model.name)
-        return h is not None and h.state is State.READY
+        return (h := self._handles.get(model.name)) is not None and h.state is State.READY
 
     def status(self, model: ModelConfig) -> ModelStatus:
         """The model's status; a model never used yet is stopped."""

@@ -109,6 +109,11 @@ class WorkerHandle(Exchange):
     def pid(self) -> int | None:
         return self._wp.pid if self._wp else None
 
+    @property
+    def ranks(self) -> tuple[dict[str, Any], ...]:
+        """A distributed worker's ranks (rank, host, pid, memory each); () for one process."""
+        return getattr(self._wp, "ranks", ())
+
     # ------------------------------------------------------------------ lifecycle
 
     async def ensure_ready(self) -> None:

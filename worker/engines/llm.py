@@ -18,6 +18,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
+from mlx_gw.worker.engines import sharding
 from mlx_gw.worker.engines.base import AdmissionError
 from mlx_gw.worker.engines.constrained import (
     FORCED_FORMATS,
@@ -74,7 +75,8 @@ def load_model(load: Load) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]
         return load_gguf(load.path, dtype=load.dtype)
     from mlx_lm import load as mlx_load
 
-    model, tokenizer, config = mlx_load(load.path, return_config=True)
+    model, tokenizer, config = mlx_load(load.path, return_config=True, lazy=sharding.active())
+    sharding.shard(model)  # a rank of a distributed worker keeps its shard only
     if load.dtype != "auto":
         model.set_dtype(getattr(mx, load.dtype))
     return model, tokenizer, config

@@ -1,0 +1,42 @@
+"""The model shard of one rank of a distributed worker (mlx.distributed, via mlx-lm).
+
+`use_group` is called once, by worker/distributed.py, before the model loads; `load_model` then
+loads lazily and `shard` keeps this rank's part: tensor parallel where the architecture has
+mlx-lm's `shard` (attention heads and MLP columns split, one all_sum per block), else pipeline
+parallel where it has `model.pipeline` (layers split); any other architecture is refused with
+a clear error at load. Outside a distributed worker both are no-ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+_group: Any = None  # mx.distributed.Group of this worker's ranks, or None
+
+
+def use_group(group: Any) -> None:
+    global _group
+    _group = group
+
+
+def active() -> bool:
+    return _group is not None
+
+
+def shard(model: Any) -> None:
+    """Keep this rank's part of `model` (in place) and materialize it."""
+    if _group is None:
+        return
+    if hasattr(model, "shard"):
+        model.shard(_group)
+    elif hasattr(getattr(model, "model", None), "pipeline"):
+        model.model.pipeline(_group)
+    else:
+        raise ValueError(f"mlx-lm cannot shard the {type(model).__module__} architecture "
+                         f"(no tensor or pipeline parallel support): serve it without "
+                         f"`distributed`")
+    mx.eval(model.parameters())
+    # Every rank has its shard before any serves: a slow rank fails here, not mid-request.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=_group, stream=mx.cpu))
