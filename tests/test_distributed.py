@@ -33,6 +33,7 @@ def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     config = {"gateway": {"port": 0}, "models": {
         "solo": {"type": "llm", "path": path},
         "duo": {"type": "llm", "path": path, "distributed": {"ranks": 2, "backend": "ring"}},
+        "trio": {"type": "llm", "path": path, "distributed": {"ranks": 3}},  # 4 heads: no
     }}
     yield from serving(config, tmp_path_factory.mktemp("dist"))
 
@@ -127,3 +128,11 @@ def test_no_rank_outlives_the_gateway(tiny_dir: Path, tmp_path: Path) -> None:
         gw._log.close()
     assert_gone(pids)
     wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 5, "ranks to exit")
+
+
+def test_a_model_the_ranks_cannot_split_is_refused_at_load(gw: GatewayProc) -> None:
+    r = httpx.post(gw.url + "/v1/completions", timeout=120,
+                   json={"model": "trio", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503, r.text
+    assert "splits attention heads evenly" in r.json()["error"]["message"]
+    assert "trio" not in {m["name"] for m in gw.ps()}

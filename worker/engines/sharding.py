@@ -29,7 +29,14 @@ def shard(model: Any) -> None:
     """Keep this rank's part of `model` (in place) and materialize it."""
     if _group is None:
         return
+    n = _group.size()
     if hasattr(model, "shard"):
+        args = getattr(model, "args", None)
+        heads = [getattr(args, k, None) for k in ("num_attention_heads", "num_key_value_heads")]
+        if any(h is not None and h % n for h in heads):
+            raise ValueError(f"tensor parallel over {n} ranks splits attention heads evenly, and "
+                             f"this model has {heads[0]} query / {heads[1]} key-value heads: "
+                             f"pick ranks that divide both")
         model.shard(_group)
     elif hasattr(getattr(model, "model", None), "pipeline"):
         model.model.pipeline(_group)
