@@ -136,3 +136,17 @@ def test_a_model_the_ranks_cannot_split_is_refused_at_load(gw: GatewayProc) -> N
     assert r.status_code == 503, r.text
     assert "splits attention heads evenly" in r.json()["error"]["message"]
     assert "trio" not in {m["name"] for m in gw.ps()}
+
+
+def test_admission_counts_every_rank_process(tiny_dir: Path) -> None:
+    from mlx_gw.config import parse_config
+    from mlx_gw.gateway.supervision.memory import estimate_bytes
+
+    path = str(tiny_dir / "tiny-1")
+    models = parse_config({"models": {
+        "solo": {"type": "llm", "path": path},
+        "duo": {"type": "llm", "path": path, "distributed": {"ranks": 2}}}}).models
+    baseline = 200 * 2**20
+    # the shards add up to the weights; each rank is a whole process with its own baseline
+    assert estimate_bytes(models["duo"], baseline) == estimate_bytes(models["solo"], baseline) \
+        + baseline

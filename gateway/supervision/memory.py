@@ -74,7 +74,9 @@ def _kv_bytes(p: Path, dtype_bits: float) -> int:
 
 
 def estimate_bytes(model: ModelConfig, baseline_bytes: int) -> int:
-    """Bytes the model's worker is expected to hold right after loading."""
+    """Bytes the model's worker is expected to hold right after loading (a distributed one's
+    N ranks together: their shards add up to the weights, and each is a whole process)."""
+    baseline_bytes *= model.distributed.ranks if model.distributed is not None else 1
     p = _local_path(model.path)
     if p is None:
         return baseline_bytes
