@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,10 @@ def test_two_ranks_match_one_batched_or_not(gw: GatewayProc) -> None:
     kids = {k.pid for k in psutil.Process(gw.pid).children()}
     assert {r["pid"] for r in ranks} <= kids
     assert "ranks" not in next(m for m in gw.ps() if m["name"] == "solo")
+    for rank in (0, 1):  # each rank holds a shard, not the whole model
+        shard, full = map(int, re.search(rf"\[rank {rank}/2\] holds a tensor-parallel shard: "
+                                         rf"(\d+) of (\d+) parameter bytes", gw.log()).groups())
+        assert shard < full
     env = {k: v for k, v in os.environ.items() if k != "MLX_GW_API_KEY"}
     ps = subprocess.run([sys.executable, "-m", "mlx_gw.gateway.cli", "ps"], timeout=60,
                         env={**env, "MLX_GW_HOME": str(gw.home)}, capture_output=True, text=True)

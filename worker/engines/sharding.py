@@ -9,9 +9,13 @@ a clear error at load. Outside a distributed worker both are no-ops.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
+
+log = logging.getLogger("mlxgw.worker")
 
 _group: Any = None  # mx.distributed.Group of this worker's ranks, or None
 
@@ -30,6 +34,7 @@ def shard(model: Any) -> None:
     if _group is None:
         return
     n = _group.size()
+    full = _nbytes(model)
     if hasattr(model, "shard"):
         args = getattr(model, "args", None)
         heads = [getattr(args, k, None) for k in ("num_attention_heads", "num_key_value_heads")]
@@ -38,12 +43,20 @@ def shard(model: Any) -> None:
                              f"this model has {heads[0]} query / {heads[1]} key-value heads: "
                              f"pick ranks that divide both")
         model.shard(_group)
+        how = "tensor"
     elif hasattr(getattr(model, "model", None), "pipeline"):
         model.model.pipeline(_group)
+        how = "pipeline"
     else:
         raise ValueError(f"mlx-lm cannot shard the {type(model).__module__} architecture "
                          f"(no tensor or pipeline parallel support): serve it without "
                          f"`distributed`")
     mx.eval(model.parameters())
+    log.info("[rank %d/%d] holds a %s-parallel shard: %d of %d parameter bytes", _group.rank(),
+             n, how, _nbytes(model), full)
     # Every rank has its shard before any serves: a slow rank fails here, not mid-request.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=_group, stream=mx.cpu))
+
+
+def _nbytes(model: Any) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
