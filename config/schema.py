@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -114,6 +114,17 @@ class PromptCacheConfig:
     disk_max_bytes: int = DEFAULT_PROMPT_DISK_BYTES  # the whole directory's bound
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """A model's `speculative:` settings: draft `num_tokens` per step, verified in one pass."""
+
+    method: str  # ngram | draft
+    num_tokens: int = 4
+    draft_model: str | None = None  # method draft: a configured model name, or a path
+    draft_path: str | None = None  # draft_model resolved (the model's path, or the path given)
+    draft_dtype: str = "auto"  # a configured draft's dtype
+
+
 def total_memory_bytes() -> int:
     """Physical memory of this machine, in bytes."""
     try:
@@ -200,6 +211,11 @@ class ModelConfig:
     kv_group_size: int = 64
     warmup: str = "auto"  # batch shapes run at load: auto | off | minimal | full
     distributed: DistributedConfig | None = None  # N ranks (config/distributed.py)
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters: (name, directory)
+    speculative: SpeculativeConfig | None = None
+    # Set only on what `Config.resolve` answers for an adapter's name ("NAME", "BASE:NAME"):
+    # the base model's config with the adapter its requests decode with.
+    adapter: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -223,6 +239,11 @@ class Config:
         for model in self.models.values():
             for alias in model.aliases:
                 index.setdefault(alias, model)
+        for model in self.models.values():
+            for adapter, _ in model.adapters:
+                view = replace(model, adapter=adapter)
+                index.setdefault(adapter, view)
+                index.setdefault(f"{model.name}:{adapter}", view)
         object.__setattr__(self, "_index", MappingProxyType(index))
 
     def resolve(self, name: str) -> ModelConfig | None:
@@ -307,6 +328,11 @@ MODEL_KEY_DOCS: dict[str, str] = {
               "1..max_batch) | minimal (one short generation) | off",
     "distributed": "one model across N processes with mlx.distributed: {ranks: N, backend: "
                    "ring | mpi | nccl, hosts: [one per rank, default 127.0.0.1]}; llm only",
+    "adapters": "LoRA adapters served by this model's worker, each as its own model name and "
+                "as BASE:NAME: {NAME: DIR} (DIR as `mlx_lm.lora` writes it)",
+    "speculative": "speculative decoding: {method: ngram | draft, num_tokens: K (default 4), "
+                   "draft_model: NAME_OR_PATH}; exact (greedy output unchanged), off by itself "
+                   "while it does not pay",
     "sampling": "defaults for requests that send none: {temperature, top_p, top_k, min_p}; "
     "unset = the model's generation_config.json, GGUF metadata, else greedy",
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_gw.config.distributed import check_distributed, check_distributed_model
+from mlx_gw.config.extensions import check_speculative, parse_adapters, resolve_drafts
 from mlx_gw.config.fields import (
     NAME_RE,
     NAME_RULE,
@@ -107,6 +108,7 @@ def _parse(
     for name, entry in raw_models.items():
         model = _parse_model(name, entry, base_dir=base_dir, env=env, check_paths=check_paths)
         models[model.name] = model
+    models = resolve_drafts(models, base_dir, check_paths)
     _check_collisions(models)
     config = Config(gateway=gateway, models=models, source=source)
     check_key_models(config)
@@ -169,8 +171,14 @@ def _parse_model(
         key = f"{prefix}.{key_name}"
         if key_name == "path":
             values["path"] = _model_path(raw, key, base_dir, env, check_paths)
+        elif key_name == "adapters":
+            values["adapters"] = parse_adapters(raw, key, base_dir, env, check_paths)
         else:
             values[key_name] = _MODEL_CHECKS[key_name](raw, key)
+    for extra in ("adapters", "speculative"):
+        if values.get(extra) and values.get("type") != "llm":
+            raise ConfigError(f"only llm models take `{extra}`", key=f"{prefix}.{extra}",
+                              fix="remove it, or set type: llm")
     cache = values.get("prompt_cache")
     if cache is not None and cache.disk is not None:  # relative to the file, as `path` is
         disk = _expand_user(cache.disk, env)
@@ -184,19 +192,22 @@ def _check_collisions(models: Mapping[str, ModelConfig]) -> None:
     """Names and aliases share one namespace: each may point at exactly one model, once."""
     owners: dict[str, tuple[str, str]] = {name: (name, "name") for name in models}
     for model in models.values():
-        for alias in model.aliases:
-            key = f"models.{model.name}.aliases"
+        adapters = [(a, "adapter") for a, _ in model.adapters]
+        adapters += [(f"{model.name}:{a}", "adapter") for a, _ in model.adapters]
+        for alias, what in [(a, "alias") for a in model.aliases] + adapters:
+            key = f"models.{model.name}.{what}es" if what == "alias" else \
+                f"models.{model.name}.adapters"
             if alias in owners:
                 owner, kind = owners[alias]
                 if owner == model.name:
-                    what = "its own name" if kind == "name" else "listed twice"
-                    raise ConfigError(f"alias {alias!r} is {what}", key=key, fix="remove it")
+                    where = "its own name" if kind == "name" else "listed twice"
+                    raise ConfigError(f"{what} {alias!r} is {where}", key=key, fix="remove it")
                 raise ConfigError(
-                    f"alias {alias!r} is already the {kind} of model {owner!r}",
+                    f"{what} {alias!r} is already the {kind} of model {owner!r}",
                     key=key,
                     fix="give each name and alias to one model only; remove or rename it",
                 )
-            owners[alias] = (model.name, "alias")
+            owners[alias] = (model.name, what)
 
 
 def _check_keys(data: Mapping[object, object], prefix: str, valid: Iterable[str]) -> None:
@@ -259,6 +270,7 @@ _MODEL_CHECKS: dict[str, Check] = {  # `path` is checked apart: it needs the fil
     "kv_group_size": partial(check_int_choice, choices=(32, 64, 128)),
     "warmup": partial(check_choice, choices=WARMUP_MODES),
     "distributed": optional(check_distributed),
+    "speculative": check_speculative,
 }
 
 

@@ -32,6 +32,7 @@ from mlx_gw.gateway.errors import (
     Unavailable,
 )
 from mlx_gw.gateway.routes import (
+    adapters,
     admin,
     anthropic,
     audio,
@@ -157,6 +158,7 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(embeddings.routes)
     app.add_routes(audio.routes)
     app.add_routes(admin.routes)
+    app.add_routes(adapters.routes)
     app.add_routes(models.routes)
     app.add_routes(dashboard.routes)
     app.add_routes(ollama.routes)

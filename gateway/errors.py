@@ -143,6 +143,8 @@ WORKER_ERRORS: dict[str, type[GatewayError]] = {
     "invalid_request": BadRequest,
     "unsupported": BadRequest,
     "context_length_exceeded": ContextLengthExceeded,
+    "not_found": NotFound,
+    "conflict": Conflict,
     "overloaded": QueueFull,
     "load_failed": LoadFailed,
     "internal": InternalError,

@@ -498,6 +498,9 @@ def test_models_yaml_example_is_valid(tmp_path: Path) -> None:
     shutil.copy(example, tmp_path / "models.yaml")
     (tmp_path / "models" / "Llama-3.2-3B-Instruct-4bit").mkdir(parents=True)
     (tmp_path / "models" / "SmolLM2-1.7B-Instruct-Q8_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "adapters" / "support-bot").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        (tmp_path / "adapters" / "support-bot" / name).write_text("{}")
     config = load_config(tmp_path / "models.yaml", env={"HOME": str(tmp_path)})
     assert config.resolve("gpt-4o-mini") is config.models["qwen2.5-0.5b"]
     assert config.models["smollm2-1.7b"].path == str(
@@ -634,7 +637,7 @@ def test_init_yaml_parses_back_with_the_default_model(fake_smollm2: Path, tmp_pa
 def test_gateway_keys_match_the_dataclass() -> None:
     fields = {field.name for field in dataclasses.fields(GatewayConfig)} - {"memory_limit_raw"}
     assert fields == set(GATEWAY_KEY_DOCS)
-    model_fields = {field.name for field in dataclasses.fields(ModelConfig)} - {"name"}
+    model_fields = {field.name for field in dataclasses.fields(ModelConfig)} - {"name", "adapter"}
     assert model_fields == set(MODEL_KEY_DOCS)
     assert Config().models == {}
 

@@ -127,6 +127,15 @@ def _cache_figures(engine: Engine) -> dict[str, int]:
             "prompt_cache_miss_tokens": cache.miss_tokens}
 
 
+def _spec_figures(engine: Engine) -> dict[str, int | bool]:
+    """Speculative decoding's Heartbeat fields (none when the model does not speculate)."""
+    gate = getattr(engine, "spec", None)
+    if gate is None:
+        return {}
+    return {"spec_proposed": gate.proposed, "spec_accepted": gate.accepted,
+            "spec_active": gate.on}
+
+
 def _make_engine(load: p.Load) -> Engine:
     if load.type not in _ENGINES:
         raise ValueError(f"model type {load.type!r} is not supported by this worker")
@@ -238,6 +247,17 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
             except Exception as e:
                 log.exception("[worker:%s] submit failed", name)
                 send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
+        elif isinstance(msg, (p.AddAdapter, p.RemoveAdapter)):
+            op = getattr(engine, "adapter_op", None)
+            try:
+                if op is None:
+                    raise AdmissionError("unsupported", "this model kind serves no adapters")
+                send(op(msg))
+            except AdmissionError as e:
+                send(p.Error(rid=msg.rid, code=e.code, message=e.message))
+            except Exception as e:
+                log.exception("[worker:%s] adapter change failed", name)
+                send(p.Error(rid=msg.rid, code="internal", message=f"{e}"))
         elif isinstance(msg, p.Cancel):
             engine.cancel(msg.rid)
         elif isinstance(msg, p.TrimCache):
@@ -297,6 +317,7 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                     prompt_tokens_total=engine.prompt_tokens_total,
                     generation_tokens_total=engine.generation_tokens_total,
                     **_cache_figures(engine),
+                    **_spec_figures(engine),
                 )
             )
             next_hb = now + HEARTBEAT_INTERVAL_S

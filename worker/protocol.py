@@ -38,6 +38,11 @@ class Load(_Msg, tag="load"):
     kv_bits: int = 0  # 4 or 8: keys and values stored quantized; 0: full precision
     kv_group_size: int = 64
     warmup: str = "auto"  # the batch shapes run before Ready: auto | off | minimal | full
+    adapters: dict[str, str] = {}  # LoRA adapters served by this worker: name -> directory
+    speculative: str = ""  # ngram | draft: speculative decoding; "" = off
+    spec_tokens: int = 4  # tokens proposed per step
+    spec_draft_path: str = ""  # method draft: the draft model (same tokenizer) and its dtype
+    spec_draft_dtype: str = "auto"
 
 
 class Generate(_Msg, tag="gen"):
@@ -76,6 +81,7 @@ class Generate(_Msg, tag="gen"):
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
     count_only: bool = False  # tokenize, answer one Delta with prompt_tokens, generate nothing
+    adapter: str = ""  # the LoRA adapter (Load.adapters / AddAdapter name) to decode with
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -129,7 +135,24 @@ class Speak(_Msg, tag="tts"):
     speed: float = 1.0
 
 
-ToWorker = Load | Generate | Cancel | TrimCache | Shutdown | Embed | Transcribe | Speak
+class AddAdapter(_Msg, tag="addad"):
+    """Load LoRA adapter `name` from directory `path` beside the base weights (replacing one
+    of that name). Answered by `AdapterDone` or an Error."""
+
+    rid: int
+    name: str
+    path: str
+
+
+class RemoveAdapter(_Msg, tag="rmad"):
+    """Forget adapter `name`; refused (Error "conflict") while a sequence decodes with it."""
+
+    rid: int
+    name: str
+
+
+ToWorker = (Load | Generate | Cancel | TrimCache | Shutdown | Embed | Transcribe | Speak
+            | AddAdapter | RemoveAdapter)
 # Messages that start a request (each carries a fresh `rid`).
 REQUESTS = (Generate, Embed, Transcribe, Speak)
 
@@ -212,6 +235,9 @@ class Heartbeat(_Msg, tag="hb"):
     prompt_cache_disk_bytes: int = 0  # this model's entries in the disk tier (not memory)
     prompt_cache_hit_tokens: int = 0  # since load: prompt tokens served from the cache
     prompt_cache_miss_tokens: int = 0  # since load: prompt tokens prefilled
+    spec_proposed: int = 0  # since load: speculative tokens proposed, and accepted
+    spec_accepted: int = 0
+    spec_active: bool = False  # speculating now (off while it does not pay)
 
 
 class Pulse(_Msg, tag="pulse"):
@@ -249,15 +275,24 @@ class AudioChunk(_Msg, tag="pcm"):
     final: bool = False
 
 
+class AdapterDone(_Msg, tag="addone"):
+    """An AddAdapter or RemoveAdapter took effect; `adapters` lists those now loaded."""
+
+    rid: int
+    adapters: list[str] = []
+
+
 FromWorker = (Hello | Warming | Ready | Outputs | Error | Heartbeat | Pulse | Embeddings
-              | Transcription | AudioChunk)
+              | Transcription | AudioChunk | AdapterDone)
 # One-shot or chunked answers to a request, other than text `Outputs` (routed by `rid`).
-RESULTS = (Embeddings, Transcription, AudioChunk)
+RESULTS = (Embeddings, Transcription, AudioChunk, AdapterDone)
 
 # Error codes a worker may send, each mapped to one HTTP status by the gateway.
 ERROR_CODES = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
+    "not_found": 404,  # e.g. an adapter this worker does not hold
+    "conflict": 409,
     "unsupported": 400,
     "overloaded": 429,
     "load_failed": 503,

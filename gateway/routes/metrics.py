@@ -28,7 +28,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -289,6 +289,14 @@ class _StateCollector(Collector):
                 cache.add_metric([name, "memory"], s.prompt_cache_bytes)
                 cache.add_metric([name, "disk"], s.prompt_cache_disk_bytes)
         yield from (mem, queue, running, worker, state, pinned, cache)
+        spec = CounterMetricFamily("mlxgw_spec_tokens", "Speculative decoding's tokens since "
+                                   "the worker loaded, by kind: proposed, accepted",
+                                   labels=["model", "kind"])
+        for s in sup.statuses():
+            if s.speculative is not None and s.resident:
+                spec.add_metric([s.name, "proposed"], s.speculative["proposed"])
+                spec.add_metric([s.name, "accepted"], s.speculative["accepted"])
+        yield spec
         yield GaugeMetricFamily("mlxgw_memory_limit_bytes", "The memory ceiling for all "
                                 "workers together (gateway.memory_limit)", value=sup.ceiling)
         yield GaugeMetricFamily("mlxgw_resident_memory_bytes", "Memory counted against the "

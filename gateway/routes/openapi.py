@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from mlx_gw.gateway.routes.adapters import AdapterRequest
 from mlx_gw.gateway.routes.admin import ModelRequest, PinRequest
 from mlx_gw.gateway.routes.audio import FORMATS, SpeechRequest
 from mlx_gw.gateway.routes.embeddings import EmbeddingRequest, RerankRequest
@@ -186,6 +187,11 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                               "admin", [PullRequest, OllamaModelBody],
                               ok_types=(JSON, SSE, NDJSON), extra_errors=("OllamaError",)),
     ("DELETE", "/api/models/{name}"): Op("Delete a pulled model's files", "admin", ok=_OBJ),
+    ("GET", "/api/adapters"): Op("LoRA adapters (configured and runtime)", "admin",
+                                 ok=_list_of("adapters")),
+    ("POST", "/api/adapters"): Op("Add a LoRA adapter to a base model's worker", "admin",
+                                  AdapterRequest, ok=_OBJ),
+    ("DELETE", "/api/adapters/{name}"): Op("Remove a runtime LoRA adapter", "admin", ok=_OBJ),
 }
 
 

@@ -47,6 +47,7 @@ class ModelStatus:
     prompt_cache_entries: int = 0
     prompt_cache_disk_bytes: int = 0  # its entries in the disk tier (not memory)
     ranks: tuple[dict[str, Any], ...] = ()  # a distributed worker's: rank, host, pid, memory
+    speculative: dict[str, Any] | None = None  # speculative decoding's figures (spec_figures)
 
     @property
     def resident(self) -> bool:
@@ -74,9 +75,21 @@ class ModelStatus:
             "prompt_cache_bytes": self.prompt_cache_bytes,
             "prompt_cache_entries": self.prompt_cache_entries,
             "prompt_cache_disk_bytes": self.prompt_cache_disk_bytes,
+            "speculative": self.speculative,
             "error": self.error,
             **({"ranks": list(self.ranks)} if self.ranks else {}),
         }
+
+
+def spec_figures(method: str | None, k: int, proposed: int, accepted: int,
+                 active: bool) -> dict[str, Any] | None:
+    """A speculating model's /api/ps figures: tokens proposed and accepted since load, their
+    ratio, and whether it speculates now (it stops while speculation does not pay)."""
+    if method is None:
+        return None
+    return {"method": method, "num_tokens": k, "proposed": proposed, "accepted": accepted,
+            "acceptance_rate": round(accepted / proposed, 4) if proposed else None,
+            "active": active}
 
 
 def iso(ts: float | None) -> str | None:
@@ -89,6 +102,7 @@ def handle_status(h: Any) -> ModelStatus:
     """The snapshot of one WorkerHandle (`h`): what every reader above uses."""
     resident = h.state in LOADED
     c = h.cache  # the last Heartbeat's figures: zeros once the process has gone
+    sp = h.model.speculative
     return ModelStatus(
         name=h.model.name, type=h.model.type, aliases=tuple(h.model.aliases),
         state=h.state, pinned=h.pinned, pid=h.pid,
@@ -97,4 +111,6 @@ def handle_status(h: Any) -> ModelStatus:
         worker_in_flight=h.worker_in_flight, context_length=h.context_length,
         loaded_at=h.loaded_at, error=h.error, blas=h.blas if resident else None,
         prompt_cache_bytes=c.prompt_cache_bytes, prompt_cache_entries=c.prompt_cache_entries,
-        prompt_cache_disk_bytes=c.prompt_cache_disk_bytes, ranks=h.ranks)
+        prompt_cache_disk_bytes=c.prompt_cache_disk_bytes, ranks=h.ranks,
+        speculative=spec_figures(sp and sp.method, sp.num_tokens if sp else 0,
+                                 c.spec_proposed, c.spec_accepted, c.spec_active))

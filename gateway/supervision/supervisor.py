@@ -28,6 +28,7 @@ from typing import Any
 
 from mlx_gw.config import UNSET, Config, ModelConfig
 from mlx_gw.gateway.errors import BadRequest, Conflict, NotFound, QueueFull
+from mlx_gw.gateway.supervision.adapters import Adapters
 from mlx_gw.gateway.supervision.ceiling import Ceiling
 from mlx_gw.gateway.supervision.distributed import process_source
 from mlx_gw.gateway.supervision.kinds import check_kind
@@ -61,6 +62,7 @@ class Supervisor:
         self._event_ids = itertools.count(1)
         # Names added at runtime (Ollama's /api/copy), until restart: alias -> model name.
         self.aliases: dict[str, str] = {}
+        self.adapters = Adapters()  # LoRA adapters added at runtime, and their resolution
         self.draining = False
         self._idle = asyncio.Event()  # set while no request holds a lease
         self._idle.set()
@@ -94,9 +96,7 @@ class Supervisor:
         an unknown one."""
         if not isinstance(name, str) or not name:
             raise BadRequest("'model' must be a non-empty string", param="model")
-        model = self.config.resolve(name)
-        if model is None and name in self.aliases:
-            model = self.config.models[self.aliases[name]]
+        model = self.config.resolve(name) or self.adapters.resolve(self, name)
         if model is None:
             known = ", ".join(self.config.models) or "none configured"
             raise NotFound(f"The model '{name}' does not exist. Available models: {known}",
@@ -121,7 +121,7 @@ class Supervisor:
         h = self._handles.get(model.name)
         if h is None:
             h = WorkerHandle(
-                model,
+                self.config.models.get(model.name, model),  # an adapter's: its base
                 get_process=process_source(model, self._process_for, self._ipc_dir, self._env),
                 admit=self.room.admit,
                 load_timeout_s=self.config.gateway.load_timeout,
@@ -130,6 +130,7 @@ class Supervisor:
                 on_event=self._on_event,
             )
             h.keep_alive = self.config.effective_keep_alive(model)
+            h.runtime_adapters = self.adapters.for_base(model.name)
             self._handles[model.name] = h
         return h
 
@@ -172,7 +173,6 @@ class Supervisor:
                 h.begin_stop("unload", reason="reload")  # its model left or changed
             if touch:
                 h.last_used = time.monotonic()
-            if touch:
                 self._touch(h)
             else:
                 self._pulse()

@@ -95,6 +95,7 @@ class WorkerHandle(Exchange):
         self.keep_alive: float | None = None  # seconds, set by the latest request; None = never
         self.estimate_bytes = 0  # admission estimate while starting
         self.admitted = False  # a load in progress has been given room under the ceiling
+        self.runtime_adapters: dict[str, str] = {}  # LoRA adapters added at run time
 
     @property
     def active(self) -> int:
@@ -156,7 +157,8 @@ class WorkerHandle(Exchange):
             async with asyncio.timeout(self._load_timeout_s):
                 wp = await self._get_process(name)
                 wp.label = name
-                wp.send(load_message(self.model, memory_limit_bytes=self._memory_limit_bytes))
+                wp.send(load_message(self.model, memory_limit_bytes=self._memory_limit_bytes,
+                                     adapters=self.runtime_adapters))
                 ready = await wp.await_ready(on_warming=self._warming)
         except (WorkerGone, TimeoutError, LoadRefused) as e:
             why = (f"loading took longer than load_timeout ({self._load_timeout_s:.0f}s)"

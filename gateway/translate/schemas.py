@@ -342,6 +342,7 @@ def for_model(gen: Generate, model: ModelConfig, *,
     rp = model.reasoning_parser
     gen.reasoning_parser = list(rp) if isinstance(rp, tuple) else rp
     gen.default_max_tokens = default_max_tokens
+    gen.adapter = model.adapter  # a LoRA adapter's name resolves to its base + this
     sampling = model.sampling
     for name in SAMPLING_KEYS:
         if getattr(gen, name) is None:

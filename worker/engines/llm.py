@@ -15,10 +15,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from mlx_gw.worker.engines import sharding
+from mlx_gw.worker.engines.adapters import (
+    AdapterBank,
+    AdapterModel,
+    AdapterRows,
+    apply_op,
+    split_rows,
+)
 from mlx_gw.worker.engines.base import AdmissionError
 from mlx_gw.worker.engines.constrained import (
     FORCED_FORMATS,
@@ -37,12 +45,21 @@ from mlx_gw.worker.engines.defaults import (
     model_sampling,
     resolve_sampling,
 )
-from mlx_gw.worker.engines.prompt_cache import PromptCache, default_max_bytes
+from mlx_gw.worker.engines.prompt_cache import BASE_KEY, PromptCache, default_max_bytes
 from mlx_gw.worker.engines.prompt_disk import DiskTier, open_disk_tier
 from mlx_gw.worker.engines.quantized_kv import fresh_caches
 from mlx_gw.worker.engines.sampling import sampler_for
+from mlx_gw.worker.engines.speculative import DraftPair, install, load_draft
 from mlx_gw.worker.engines.stop_text import StopText
-from mlx_gw.worker.protocol import Delta, Generate, Load, TokenLogprob
+from mlx_gw.worker.protocol import (
+    AdapterDone,
+    AddAdapter,
+    Delta,
+    Generate,
+    Load,
+    RemoveAdapter,
+    TokenLogprob,
+)
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -65,6 +82,8 @@ class _Seq:
     top_logprobs: int = -1  # -1: no logprobs asked
     first: Delta | None = None  # the parse facts its first delta carries
     cached_tokens: int = 0  # prompt tokens its prefill took from the prompt cache
+    slot: int = 0  # its LoRA adapter's slot (0: the base)
+    key: str = BASE_KEY  # its prompt-cache key (one per adapter)
 
 
 def load_model(load: Load) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
@@ -95,14 +114,18 @@ class LLMEngine:
         prompt_disk: DiskTier | None = None,
         kv_bits: int = 0,
         kv_group_size: int = 64,
+        speculative: tuple[str, int] = ("", 4),  # (method, tokens per step)
+        draft: nn.Module | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.sampling = sampling  # the model's defaults for what a request leaves unset
         self._eos = set(tokenizer.eos_token_ids)
         self._vocab = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else 0
+        self.adapters = AdapterBank(model)
+        inner = model if draft is None else DraftPair(model, draft)
         self._gen = BatchGenerator(
-            model,
+            AdapterModel(inner, self.adapters),
             stop_tokens=[[t] for t in sorted(self._eos)],
             completion_batch_size=max_batch,
             prefill_batch_size=min(8, max_batch),
@@ -115,7 +138,9 @@ class LLMEngine:
         self._formats: dict[str, tuple[str, list[str]]] = {}
         self._answers: list[Delta] = []  # ready without a decode step (count_only)
         self.prompt_cache = PromptCache(prompt_cache_bytes, prompt_disk)
-        self._model = model
+        self._model = inner  # its make_cache: the target's caches, then the draft's
+        self.spec = install(self._gen, method=speculative[0], k=speculative[1],
+                            pair=inner if draft is not None else None) if speculative[0] else None
         self._kv = (kv_bits, kv_group_size)
         if kv_bits:
             fresh_caches(model, kv_bits, kv_group_size)  # refuses models it cannot quantize
@@ -125,6 +150,7 @@ class LLMEngine:
     @classmethod
     def from_load(cls, load: Load) -> LLMEngine:
         model, tokenizer, config = load_model(load)
+        draft = load_draft(load, tokenizer, load_model)
         ctx = load.context_length or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH
         sampling = model_sampling(load.path)
         log.info("[worker:%s] sampling defaults from %s: temperature %s, top_p %s, top_k %s, "
@@ -139,11 +165,15 @@ class LLMEngine:
             # The KV's own format is part of its identity: 8-bit entries never serve f32.
             kv = f"{load.dtype}/kv{load.kv_bits}g{load.kv_group_size}" if load.kv_bits \
                 else load.dtype
+            kv += f"+draft:{load.spec_draft_path}" if draft is not None else ""
             disk = open_disk_tier(load.prompt_cache_disk, load.path, kv,
                                   load.prompt_cache_disk_bytes, load.name)
         engine = cls(model, tokenizer, context_length=int(ctx), max_batch=load.max_batch,
                      sampling=sampling, prompt_cache_bytes=budget, prompt_disk=disk,
-                     kv_bits=load.kv_bits, kv_group_size=load.kv_group_size)
+                     kv_bits=load.kv_bits, kv_group_size=load.kv_group_size,
+                     speculative=(load.speculative, load.spec_tokens), draft=draft)
+        for name, path in load.adapters.items():
+            engine.adapters.add(name, path)
         engine.warm(load.warm_prompts)
         log.info("[worker:%s] prompt cache: %.0f MiB, %d entries after %d warm prompts",
                  load.name, budget / 2**20, engine.prompt_cache.entries, len(load.warm_prompts))
@@ -165,8 +195,12 @@ class LLMEngine:
     vocab_size = property(lambda self: self._vocab)
     prefill_step_tokens = PREFILL_STEP_TOKENS
 
-    def new_cache(self) -> list[Any] | None:
-        return fresh_caches(self._model, *self._kv) if self._kv[0] else None
+    def new_cache(self) -> list[Any]:
+        """An empty cache list for one sequence: the model's KV (then the draft's), and the
+        row's adapter (the base)."""
+        kv = fresh_caches(self._model, *self._kv) if self._kv[0] \
+            else make_prompt_cache(self._model)
+        return [*kv, AdapterRows([0])]
 
     # ------------------------------------------------------------------ admission
 
@@ -193,9 +227,17 @@ class LLMEngine:
             raise AdmissionError("invalid_request", f"prompt token ids out of range: {bad[:5]}")
         return ids
 
+    def adapter_op(self, op: AddAdapter | RemoveAdapter) -> AdapterDone:
+        """Load or forget a LoRA adapter between steps (raises AdmissionError)."""
+        return apply_op(self.adapters, op, {s.slot for s in self._by_uid.values()})
+
     def submit(self, req: Generate) -> None:
         if req.rid in self._by_rid:
             raise AdmissionError("invalid_request", f"duplicate request id {req.rid}")
+        slot = self.adapters.slot(req.adapter)
+        if slot is None:
+            raise AdmissionError("not_found", f"this worker has no adapter '{req.adapter}'")
+        key = f"adapter#{slot}" if slot else BASE_KEY
         ids = self._tokenize(req)
         n = len(ids)
         if n == 0:
@@ -220,9 +262,10 @@ class LLMEngine:
             processors.append(grammar)
         # A grammar ends its sequence itself, so ignore_eos never runs it past the grammar.
         stops = [_NO_STOP] if req.ignore_eos and grammar is None else None
-        cache, cached = self.prompt_cache.lookup(ids)
+        cache, cached = self.prompt_cache.lookup(ids, key)
         if cache is None:
-            cache = self.new_cache()
+            cache = split_rows(self.new_cache())
+        cache = [*cache, AdapterRows([slot])]
         (uid,) = self._gen.insert(
             [ids[cached:]], max_tokens=[max_tokens], samplers=[sampler], stop_sequences=stops,
             logits_processors=[processors], caches=[cache], all_tokens=[ids[:cached]],
@@ -230,7 +273,7 @@ class LLMEngine:
         first.cached_tokens = cached
         seq = _Seq(req.rid, uid, self.tokenizer.detokenizer, StopText(req.stop), n,
                    grammar=grammar, top_logprobs=req.top_logprobs if req.logprobs else -1,
-                   first=first, cached_tokens=cached)
+                   first=first, cached_tokens=cached, slot=slot, key=key)
         self._by_uid[uid] = seq
         self._by_rid[req.rid] = seq
         self.prompt_tokens_total += n
@@ -328,9 +371,9 @@ class LLMEngine:
                 lps = [self._logprobs(r.token, r.logprobs, seq.top_logprobs)]
             if seq.grammar is not None and seq.grammar.done and not finish:
                 finish = "stop"  # the grammar is complete: nothing may follow
-                self._keep(self._gen.remove([r.uid], return_prompt_caches=True))
+                self._keep(self._gen.remove([r.uid], return_prompt_caches=True), seq.key)
             elif finish:
-                self.prompt_cache.store(r.all_tokens, r.prompt_cache)
+                self.prompt_cache.store(r.all_tokens, split_rows(r.prompt_cache), seq.key)
             if not (finish == "stop" and r.token in self._eos):
                 seq.detok.add_token(r.token)
             if finish:
@@ -338,7 +381,7 @@ class LLMEngine:
             text, hit = seq.stop.feed(final_text(seq.detok.last_segment, finish))
             if hit and not finish:
                 finish = "stop"
-                self._keep(self._gen.remove([r.uid], return_prompt_caches=True))
+                self._keep(self._gen.remove([r.uid], return_prompt_caches=True), seq.key)
             elif finish and not hit:
                 text += seq.stop.flush()
             if finish:
@@ -357,11 +400,11 @@ class LLMEngine:
                 out.append(d)
         return out
 
-    def _keep(self, removed: dict[int, Any]) -> None:
+    def _keep(self, removed: dict[int, Any], key: str) -> None:
         """Store the caches of sequences removed before their natural end (a stop string, a
         completed grammar): the next turn of the conversation starts with those tokens."""
         for cache, tokens in removed.values():
-            self.prompt_cache.store(tokens, cache)
+            self.prompt_cache.store(tokens, split_rows(cache), key)
 
     def abort_all(self) -> list[int]:
         """Drop every sequence (after an engine failure); returns their request ids."""

@@ -5,8 +5,9 @@ A finished (or stopped) sequence leaves its KV cache here, keyed by every token 
 tokens (`lookup`): an exact or shorter entry is used as is, a longer one is trimmed to the
 common prefix (a copy: the entry stays); BatchGenerator then prefills only the rest, with hits
 and misses side by side in one batch. Entries live in one worker, which serves one model, so
-a prefix of another model never matches; a different template or adapter tokenizes to other
-tokens and so misses too. The bytes are bounded (`max_bytes`, least recently used out first)
+a prefix of another model never matches; each LoRA adapter has its own key (`key`), so an
+adapter's KV never serves the base or another adapter, and only the base's entries go to disk.
+The bytes are bounded (`max_bytes`, least recently used out first)
 and counted in the worker's heartbeat; `shrink` gives memory back when the supervisor asks.
 With a disk tier (prompt_disk.py), what leaves memory (evicted by the budget, shrunk, or still
 here when the worker shuts down) is written to disk, and a lookup that finds a longer prefix
@@ -35,7 +36,7 @@ MiB = 2**20
 MIN_DEFAULT_BYTES = 256 * MiB
 MAX_DEFAULT_BYTES = 4 * 2**30
 MAX_ENTRIES = 256  # beyond the byte budget: many tiny entries cost lookups, not memory
-_KEY = "model"  # one model per worker
+BASE_KEY = "model"  # one model per worker; an adapter's entries live under its own key
 SPILL_ON_CLOSE_S = 3.0  # the gateway waits 5 s for a worker to exit after Shutdown
 # A shorter hit is refused: it saves a few tokens of prefill but costs a copy of the whole
 # entry and sends the request down the batch's cache-merging path. Prompts that share only a
@@ -63,7 +64,8 @@ class _EvictionTrie(PromptTrie):
 
     def pop(self, model: Any, tokens: list[int]) -> Any:
         entry = super().pop(model, tokens)
-        self.evicted.append((list(tokens), entry.prompt_cache))
+        if model == BASE_KEY:  # the disk tier is keyed by the base model's files alone
+            self.evicted.append((list(tokens), entry.prompt_cache))
         return entry
 
 
@@ -91,7 +93,7 @@ class PromptCache:
     def entries(self) -> int:
         return len(self._lru)
 
-    def lookup(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
+    def lookup(self, tokens: list[int], key: str = BASE_KEY) -> tuple[list[Any] | None, int]:
         """(a KV cache holding tokens[:n], n) for the longest usable cached prefix, or
         (None, 0). At least one token is always left to prefill: the model needs it to
         produce the first logits."""
@@ -99,8 +101,8 @@ class PromptCache:
             self.miss_tokens += len(tokens)
             return None, 0
         cache, rest = None, tokens
-        if self._reusable(tokens) >= MIN_HIT_TOKENS:
-            cache, rest = self._lru.fetch_nearest_cache(_KEY, tokens)
+        if self._reusable(tokens, key) >= MIN_HIT_TOKENS:
+            cache, rest = self._lru.fetch_nearest_cache(key, tokens)
         n = len(tokens) - len(rest) if cache is not None else 0
         if cache is not None and n >= len(tokens):  # an exact hit: give one token back
             if can_trim_prompt_cache(cache):
@@ -110,7 +112,7 @@ class PromptCache:
                 cache, n = None, 0
         if cache is not None and n < MIN_HIT_TOKENS:
             cache, n = None, 0
-        if self.disk is not None:  # memory first; disk only for a longer prefix
+        if self.disk is not None and key == BASE_KEY:  # memory first; disk for a longer prefix
             found, m = self.disk.load(tokens, better_than=max(n, MIN_HIT_TOKENS - 1))
             if found is not None:
                 cache, n = found, m
@@ -119,19 +121,19 @@ class PromptCache:
         self.miss_tokens += len(tokens) - n
         return cache, n
 
-    def _reusable(self, tokens: list[int]) -> int:
+    def _reusable(self, tokens: list[int], key: str) -> int:
         """How many leading tokens the memory tier could serve, found without copying an
         entry (fetch_nearest_cache copies whatever it finds)."""
         trie = getattr(self._lru, "_trie", None)
         if not isinstance(trie, PromptTrie):  # another mlx-lm's internals: let it decide
             return len(tokens)
-        found = trie.search(_KEY, tokens)
+        found = trie.search(key, tokens)
         if found.exact is not None:
             return len(tokens)
         shorter = len(found.shorter) if found.shorter is not None else 0
         return max(shorter, found.common_prefix if found.longer is not None else 0)
 
-    def store(self, tokens: list[int], cache: list[Any] | None) -> None:
+    def store(self, tokens: list[int], cache: list[Any] | None, key: str = BASE_KEY) -> None:
         """Keep `cache` (which holds exactly `tokens`) for later prompts that start with them."""
         if cache is None or self.max_bytes <= 0 or not tokens:
             return
@@ -141,7 +143,7 @@ class PromptCache:
         # a slice) of the whole batch's cache: left unevaluated, every entry would keep that
         # batch's buffers alive (gigabytes on a GPU at 64 streams). Start the copies now.
         mx.async_eval([c.state for c in cache])
-        self._lru.insert_cache(_KEY, list(tokens), cache)
+        self._lru.insert_cache(key, list(tokens), cache)
         self._spill()
 
     def _spill(self) -> None:

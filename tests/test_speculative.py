@@ -1,0 +1,157 @@
+"""Speculative decoding inside the batch (issue 17, part 1), on the f32 tiny models.
+
+Greedy output is identical with and without speculation for a batch of 8, with prompt lookup
+(ngram) and with a draft model (the model itself: every proposal right; another tiny model:
+most wrong); a draft with another tokenizer is refused at load with a clear error; the
+acceptance counters reach /api/ps and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayProc, serving
+
+NEW_TOKENS = 120  # long enough for greedy tiny-model output to repeat itself
+# Repetitive prompts (a text to edit, a list to continue): prompt lookup finds n-grams again.
+PROMPTS = [
+    "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox",
+    "def main(): return 0; def main(): return 0; def main(): return",
+    "one two three four one two three four one two three",
+    "The gateway starts one worker. The gateway starts one worker. The gateway",
+    "hello world thank you please hello world thank you please hello",
+    "Café au lait, naïve façade, Café au lait, naïve",
+    "What is two plus two? Four. What is two plus two?",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 Numbers: 0 1 2 3",
+]
+
+
+def _run(tiny: Path, prompts: list[str], **load: Any) -> tuple[list[str], Any]:
+    from mlx_gw.worker.engines.llm import LLMEngine
+    from mlx_gw.worker.protocol import Generate, Load
+
+    engine = LLMEngine.from_load(Load(name="t", type="llm", path=str(tiny), max_batch=8,
+                                      prompt_cache_bytes=0, **load))
+    texts = [""] * len(prompts)
+    for i, text in enumerate(prompts):
+        engine.submit(Generate(rid=i + 1, prompt=text, max_tokens=NEW_TOKENS, temperature=0.0,
+                               ignore_eos=True))
+    while engine.busy:
+        for d in engine.step():
+            texts[d.rid - 1] += d.text
+    engine.close()
+    return texts, engine.spec
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir: Path) -> list[str]:
+    return _run(tiny_dir / "tiny-0", PROMPTS)[0]
+
+
+def test_ngram_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str]) -> None:
+    texts, gate = _run(tiny_dir / "tiny-0", PROMPTS, speculative="ngram", spec_tokens=4)
+    assert texts == plain
+    assert gate.proposed > 0 and gate.accepted > 0, (gate.proposed, gate.accepted)
+    cycling = PROMPTS[:2] * 4  # eight rows whose output soon repeats: most proposals right
+    texts, gate = _run(tiny_dir / "tiny-0", cycling, speculative="ngram", spec_tokens=4)
+    assert texts == plain[:2] * 4
+    assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)
+
+
+@pytest.mark.parametrize("draft", ["tiny-0", "tiny-1"])
+def test_draft_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str],
+                                               draft: str) -> None:
+    texts, gate = _run(tiny_dir / "tiny-0", PROMPTS, speculative="draft", spec_tokens=3,
+                       spec_draft_path=str(tiny_dir / draft))
+    assert texts == plain
+    assert gate.proposed > 0
+    if draft == "tiny-0":  # the model drafting for itself: every proposal right
+        assert gate.accepted == gate.proposed, (gate.accepted, gate.proposed)
+
+
+def _other_tokenizer(src: Path, dest: Path) -> Path:
+    """A copy of a tiny model whose tokenizer maps two tokens the other way round."""
+    shutil.copytree(src, dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("gw-spec")
+    other = _other_tokenizer(tiny_dir / "tiny-1", root / "other-tok")
+    path = str(tiny_dir / "tiny-0")
+    config = {"gateway": {"port": 0}, "models": {
+        "ng": {"type": "llm", "path": path, "speculative": {"method": "ngram"}},
+        "dr": {"type": "llm", "path": path,
+               "speculative": {"method": "draft", "num_tokens": 2, "draft_model": "ng"}},
+        "bad": {"type": "llm", "path": path,
+                "speculative": {"method": "draft", "draft_model": str(other)}}}}
+    yield from serving(config, root / "gw")
+
+
+def _complete(g: GatewayProc, model: str, prompt: str) -> httpx.Response:
+    return httpx.post(g.url + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": prompt, "temperature": 0, "max_tokens": NEW_TOKENS,
+        "ignore_eos": True})
+
+
+def test_acceptance_shows_in_ps_and_metrics(gw: GatewayProc, plain: list[str]) -> None:
+    for model in ("ng", "dr"):
+        r = _complete(gw, model, PROMPTS[0])
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == plain[0]
+    spec = {m["name"]: m["speculative"] for m in gw.ps()}
+    assert spec["ng"]["method"] == "ngram" and spec["dr"]["method"] == "draft"
+    # Heartbeats come once a second: wait for the figures of the request that just ran.
+    from tests.conftest import wait_for
+
+    def figures() -> dict[str, Any]:
+        s = {m["name"]: m["speculative"] for m in gw.ps()}
+        return s if all(s[n]["proposed"] > 0 for n in ("ng", "dr")) else {}
+
+    spec = wait_for(figures, 10, "speculation figures in /api/ps")
+    assert spec["dr"]["accepted"] == spec["dr"]["proposed"]  # the model drafting for itself
+    assert 0 < spec["ng"]["acceptance_rate"] <= 1
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    assert 'mlxgw_spec_tokens_total{kind="proposed",model="ng"}' in text
+    assert 'mlxgw_spec_tokens_total{kind="accepted",model="dr"}' in text
+
+
+def test_a_draft_with_another_tokenizer_is_refused(gw: GatewayProc) -> None:
+    r = httpx.post(gw.url + "/api/load", json={"model": "bad"}, timeout=120)
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_load_failed"
+    assert "another tokenizer than the target" in err["message"], err["message"]
+
+
+def test_config_checks_speculative(tiny_dir: Path) -> None:
+    from mlx_gw.config import ConfigError, parse_config
+
+    path = str(tiny_dir / "tiny-0")
+
+    def parse(spec: Any) -> Any:
+        return parse_config({"models": {"m": {"type": "llm", "path": path,
+                                              "speculative": spec}}})
+
+    assert parse({"method": "ngram"}).models["m"].speculative.num_tokens == 4
+    sp = parse({"method": "draft", "draft_model": str(tiny_dir / "tiny-1")}).models["m"]
+    assert sp.speculative.draft_path == str(tiny_dir / "tiny-1")
+    for bad, match in [({"method": "medusa"}, "not one of ngram, draft"),
+                       ({"method": "draft"}, "needs `draft_model`"),
+                       ({"method": "ngram", "num_tokens": 0}, "num_tokens"),
+                       ({"method": "draft", "draft_model": "nowhere"}, "neither a configured"),
+                       ({"method": "ngram", "k": 2}, "unknown key `k`")]:
+        with pytest.raises(ConfigError, match=match):
+            parse(bad)
