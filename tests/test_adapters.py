@@ -176,6 +176,9 @@ def test_adapters_share_the_base_worker(gw: GatewayProc, adapters: dict[str, Pat
     assert len({out["base"], out["a1"], out["a2"]}) == 3, out
     pids = _pids(gw)
     assert set(pids) == {"plain", "base"}  # no worker per adapter
+    models = {m["id"]: m["root"] for m in
+              httpx.get(gw.url + "/v1/models", timeout=10).json()["data"]}
+    assert models["a1"] == models["a2"] == "base"
     listed = httpx.get(gw.url + "/api/adapters", timeout=10).json()["adapters"]
     assert {(a["name"], a["base"], a["runtime"]) for a in listed} == {
         ("a1", "base", False), ("a2", "base", True)}

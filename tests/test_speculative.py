@@ -64,6 +64,17 @@ def test_ngram_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str])
     assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)
 
 
+def test_ngram_speculation_on_a_quantized_kv_cache(tmp_path: Path) -> None:
+    from tests.tiny_models import build_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "wide", hidden_size=128, num_heads=4)  # head size 32
+    cycling = PROMPTS[:2] * 4
+    q8 = {"kv_bits": 8, "kv_group_size": 32}
+    plain8 = _run(tiny, cycling, **q8)[0]
+    texts, gate = _run(tiny, cycling, **q8, speculative="ngram")
+    assert texts == plain8 and gate.accepted > 0
+
+
 @pytest.mark.parametrize("draft", ["tiny-0", "tiny-1"])
 def test_draft_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str],
                                                draft: str) -> None:
@@ -155,3 +166,22 @@ def test_config_checks_speculative(tiny_dir: Path) -> None:
                        ({"method": "ngram", "k": 2}, "unknown key `k`")]:
         with pytest.raises(ConfigError, match=match):
             parse(bad)
+
+
+def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again() -> None:
+    from mlx_gw.worker.engines.speculative import BACKOFF_START, PROBE_STEPS, Gate
+
+    gate = Gate()
+    for _ in range(PROBE_STEPS):  # first plain steps measure the plain rate: 10 tok/s a row
+        assert not gate.on and not gate.backing_off
+        gate.plain(0.1)
+    assert gate.on
+    for _ in range(3):  # speculative steps at 2 tokens in 0.5 s: 4 tok/s, slower
+        gate.spec(0.5, 2, proposed=4, accepted=1)
+    assert not gate.on and gate.backing_off
+    for _ in range(BACKOFF_START):
+        gate.plain(0.1)
+    assert gate.on  # probes again
+    gate.spec(0.1, 4, proposed=4, accepted=3)  # now 40 tok/s: it pays, it stays on
+    gate.spec(0.1, 4, proposed=4, accepted=3)
+    assert gate.on and (gate.proposed, gate.accepted) == (20, 9)

@@ -39,10 +39,11 @@ _json = msgspec.json.Encoder()
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    config = request.app[SUPERVISOR].config
+    sup = request.app[SUPERVISOR]
+    adapters = sup.adapters.listing(sup)  # LoRA adapters: served by their base ("root")
     data = []
-    for m in filter(allows, config.models.values()):  # what the request's key may use
-        for name in (m.name, *m.aliases):
+    for m in filter(allows, sup.config.models.values()):  # what the request's key may use
+        for name in (m.name, *m.aliases, *(a["name"] for a in adapters if a["base"] == m.name)):
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "mlx-gw",
                          "root": m.name, "type": m.type})
     return web.json_response({"object": "list", "data": data})
