@@ -54,7 +54,13 @@ def plain(tiny_dir: Path) -> list[str]:
     return _run(tiny_dir / "tiny-0", PROMPTS)[0]
 
 
-def test_ngram_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str]) -> None:
+def test_ngram_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_gw.worker.engines import speculative
+
+    # Try every step however often a row has nothing to propose: this batch's rows rarely
+    # all have one, and the point is to verify many steps of eight different rows.
+    monkeypatch.setattr(speculative, "MISSES_OFF", 10**9)
     texts, gate = _run(tiny_dir / "tiny-0", PROMPTS, speculative="ngram", spec_tokens=4)
     assert texts == plain
     assert gate.proposed > 0 and gate.accepted > 0, (gate.proposed, gate.accepted)
@@ -169,7 +175,13 @@ def test_config_checks_speculative(tiny_dir: Path) -> None:
 
 
 def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again() -> None:
-    from mlx_gw.worker.engines.speculative import BACKOFF_START, PROBE_STEPS, Gate
+    from mlx_gw.worker.engines.speculative import (
+        BACKOFF_START,
+        MISS_REST_STEPS,
+        MISSES_OFF,
+        PROBE_STEPS,
+        Gate,
+    )
 
     gate = Gate()
     for _ in range(PROBE_STEPS):  # first plain steps measure the plain rate: 10 tok/s a row
@@ -185,3 +197,11 @@ def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again()
     gate.spec(0.1, 4, proposed=4, accepted=3)  # now 40 tok/s: it pays, it stays on
     gate.spec(0.1, 4, proposed=4, accepted=3)
     assert gate.on and (gate.proposed, gate.accepted) == (20, 9)
+    for _ in range(MISSES_OFF):  # rows with nothing to propose: a short rest, then again
+        assert gate.on
+        gate.no_proposal()
+        gate.plain(0.1)
+    assert not gate.on
+    for _ in range(MISS_REST_STEPS):
+        gate.plain(0.1)
+    assert gate.on

@@ -37,6 +37,7 @@ PROBE_STEPS = 4  # plain steps measured before the first speculative one
 BACKOFF_START, BACKOFF_MAX = 16, 1024  # plain steps while off (doubling after each failed probe)
 EMA = 0.2
 PAYS = 1.0  # speculation stays on while its rate is at least this share of the plain one
+MISSES_OFF, MISS_REST_STEPS = 3, 8  # steps without a proposal for every row, then a rest
 
 
 class Gate:
@@ -49,6 +50,7 @@ class Gate:
         self._off_until = PROBE_STEPS  # plain-step count before the next speculative try
         self._backoff = BACKOFF_START
         self._bad = 0
+        self._misses = 0
         self.proposed = 0
         self.accepted = 0
 
@@ -73,7 +75,7 @@ class Gate:
         self.spec_rate = rate if not self.spec_rate else (1 - EMA) * self.spec_rate + EMA * rate
         if self.spec_rate < PAYS * self.plain_rate:
             self._bad += 1
-            if self._bad >= 3:  # three slow steps in a row: off for a while
+            if self._bad >= 3:  # three slow steps in a row: off for a while, longer each time
                 self._off_until = self._plain_steps + self._backoff
                 self._backoff = min(BACKOFF_MAX, self._backoff * 2)
                 self._bad = 0
@@ -81,6 +83,16 @@ class Gate:
         else:
             self._bad = 0
             self._backoff = BACKOFF_START
+        self._misses = 0
+
+    def no_proposal(self) -> None:
+        """A step found nothing to propose for some row. Trying costs a synchronous wait (the
+        plain step's lookahead is lost), so after MISSES_OFF misses in a row it rests
+        MISS_REST_STEPS plain steps (a fixed rest: a proposal may appear any step)."""
+        self._misses += 1
+        if self._misses >= MISSES_OFF:
+            self._misses = 0
+            self._off_until = max(self._off_until, self._plain_steps + MISS_REST_STEPS)
 
 
 def ngram_proposal(history: list[int], k: int) -> list[int] | None:
@@ -154,6 +166,8 @@ class SpeculativeBatch(GenerationBatch):
         greedy = all(s is greedy_sampler or s is None for s in self.samplers or []) and \
             not any(self.logits_processors)
         proposals = self._propose() if greedy and self.gate.on else None
+        if proposals is None and greedy and self.gate.on:
+            self.gate.no_proposal()
         if self.pair is not None:
             self.pair.skip_draft = self.gate.backing_off
         if proposals is None:
