@@ -193,10 +193,15 @@ def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again()
     assert not gate.on and gate.backing_off
     for _ in range(BACKOFF_START):
         gate.plain(0.1)
-    assert gate.on  # probes again
+    assert gate.on  # probes again: one slow step is enough now, and the rest is twice as long
+    gate.spec(0.5, 2, proposed=4, accepted=1)
+    assert not gate.on
+    for _ in range(2 * BACKOFF_START):
+        gate.plain(0.1)
+    assert gate.on
     gate.spec(0.1, 4, proposed=4, accepted=3)  # now 40 tok/s: it pays, it stays on
     gate.spec(0.1, 4, proposed=4, accepted=3)
-    assert gate.on and (gate.proposed, gate.accepted) == (20, 9)
+    assert gate.on and (gate.proposed, gate.accepted) == (24, 10)
     for _ in range(MISSES_OFF):  # rows with nothing to propose: a short rest, then again
         assert gate.on
         gate.no_proposal()

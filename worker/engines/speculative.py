@@ -75,7 +75,9 @@ class Gate:
         self.spec_rate = rate if not self.spec_rate else (1 - EMA) * self.spec_rate + EMA * rate
         if self.spec_rate < PAYS * self.plain_rate:
             self._bad += 1
-            if self._bad >= 3:  # three slow steps in a row: off for a while, longer each time
+            # Three slow steps in a row (one, once it has failed before: a probe costs): off
+            # for a while, longer each time.
+            if self._bad >= (3 if self._backoff == BACKOFF_START else 1):
                 self._off_until = self._plain_steps + self._backoff
                 self._backoff = min(BACKOFF_MAX, self._backoff * 2)
                 self._bad = 0
