@@ -57,7 +57,8 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ---------------------------------------------------------------- in-process: the engine
 
 
-def _engine_outputs(tiny: Path, adapter_dirs: dict[str, Path], asks: list[str]) -> list[str]:
+def _engine_outputs(tiny: Path, adapter_dirs: dict[str, Path], asks: list[str],
+                    messages: list[dict[str, str]] = PROMPT) -> list[str]:
     from mlx_gw.worker.engines.llm import LLMEngine
     from mlx_gw.worker.protocol import Generate, Load
 
@@ -66,7 +67,7 @@ def _engine_outputs(tiny: Path, adapter_dirs: dict[str, Path], asks: list[str]) 
                                       prompt_cache_bytes=0))
     texts = [""] * len(asks)
     for i, adapter in enumerate(asks):
-        engine.submit(Generate(rid=i + 1, messages=PROMPT, max_tokens=NEW_TOKENS,
+        engine.submit(Generate(rid=i + 1, messages=messages, max_tokens=NEW_TOKENS,
                                temperature=0.0, ignore_eos=True, adapter=adapter))
     while engine.busy:
         for d in engine.step():
@@ -102,12 +103,15 @@ def test_the_prompt_cache_never_mixes_adapters(tiny_dir: Path,
     from mlx_gw.worker.protocol import Generate, Load
 
     two = {"a1": adapters["a1"], "a2": adapters["a2"]}
-    expected = [_engine_outputs(tiny_dir / "tiny-0", two, [a])[0] for a in ("", "a1", "", "a1")]
+    # Long enough for a hit: the cache serves prefixes of MIN_HIT_TOKENS tokens and more.
+    long = [{"role": "user", "content": PROMPT[0]["content"] * 8}]
+    expected = [_engine_outputs(tiny_dir / "tiny-0", two, [a], long)[0]
+                for a in ("", "a1", "", "a1")]
     engine = LLMEngine.from_load(Load(name="t", type="llm", path=str(tiny_dir / "tiny-0"),
                                       adapters={k: str(v) for k, v in two.items()}))
     got, cached = [], []
     for i, adapter in enumerate(("", "a1", "", "a1")):  # one after another: each finds the last
-        engine.submit(Generate(rid=i + 1, messages=PROMPT, max_tokens=NEW_TOKENS,
+        engine.submit(Generate(rid=i + 1, messages=long, max_tokens=NEW_TOKENS,
                                temperature=0.0, ignore_eos=True, adapter=adapter))
         text, first = "", None
         while engine.busy:
