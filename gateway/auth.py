@@ -96,11 +96,22 @@ def is_loopback(host: str) -> bool:
 
 
 def allows(model: ModelConfig) -> bool:
-    """Whether the request's key may use `model` (by its name or one of its aliases)."""
+    """Whether the request's key may use `model`: by its name or one of its aliases, and an
+    adapter (`model.adapter` set) by its own names only (NAME or BASE:NAME)."""
     key = CURRENT_KEY.get()
     if key is None or not key.models:
         return True
-    return model.name in key.models or any(a in key.models for a in model.aliases)
+    names = (model.adapter, f"{model.name}:{model.adapter}") if model.adapter \
+        else (model.name, *model.aliases)
+    return any(n in key.models for n in names)
+
+
+def allows_name(name: str, base: ModelConfig) -> bool:
+    """`allows` for a name in a listing: `base` itself, one of its aliases or adapters."""
+    key = CURRENT_KEY.get()
+    if key is None or not key.models:
+        return True
+    return name in key.models or (name in (base.name, *base.aliases) and allows(base))
 
 
 def restricted() -> bool:

@@ -90,7 +90,8 @@ class GatewayProc:
         inherited = {k: v for k, v in os.environ.items()
                      if k not in ("MLX_GW_API_KEY", "MLX_GW_CONFIG")}
         full_env = {**inherited, "MLX_GW_HOME": str(self.home), **(env or {})}
-        args = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground", "--port", str(port)]
+        args = [sys.executable, "-m", "mlx_gw.gateway.cli", "start", "--foreground",
+                "--port", str(port)]
         if config is not None:
             self.config_path = workdir / "models.yaml"
             self.config_path.write_text(yaml.safe_dump(config))

@@ -242,3 +242,22 @@ def test_config_checks_adapters(tiny_dir: Path, adapters: dict[str, Path],
         parse({"type": "embedding", "adapters": {"a1": str(adapters["a1"])}})
     with pytest.raises(ConfigError, match="expected a mapping of adapter name"):
         parse({"adapters": [str(adapters["a1"])]})
+
+
+def test_a_key_may_be_allowed_one_adapter_only(start_gateway, tiny_dir: Path,
+                                                adapters: dict[str, Path]) -> None:
+    key = "adapter-only-key"
+    gw = start_gateway({"gateway": {"api_keys": [{"key": key, "models": ["a1"]}]},
+                        "models": {"base": {"type": "llm", "path": str(tiny_dir / "tiny-0"),
+                                            "adapters": {"a1": str(adapters["a1"])}}}})
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def chat(model: str) -> httpx.Response:
+        return httpx.post(gw.url + "/v1/chat/completions", headers=auth, timeout=120, json={
+            "model": model, "messages": PROMPT, "max_tokens": 2, "ignore_eos": True})
+
+    assert chat("a1").status_code == 200
+    r = chat("base")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    listed = httpx.get(gw.url + "/v1/models", headers=auth, timeout=10).json()["data"]
+    assert [m["id"] for m in listed] == ["a1"]

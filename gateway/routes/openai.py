@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from mlx_gw.config import ModelConfig
-from mlx_gw.gateway.auth import allows
+from mlx_gw.gateway.auth import allows_name
 from mlx_gw.gateway.errors import GatewayError, TimedOut
 from mlx_gw.gateway.routes import metrics, vision
 from mlx_gw.gateway.routes.sse import EventStream
@@ -42,8 +42,10 @@ async def list_models(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     adapters = sup.adapters.listing(sup)  # LoRA adapters: served by their base ("root")
     data = []
-    for m in filter(allows, sup.config.models.values()):  # what the request's key may use
+    for m in sup.config.models.values():
         for name in (m.name, *m.aliases, *(a["name"] for a in adapters if a["base"] == m.name)):
+            if not allows_name(name, m):  # list what the request's key may use
+                continue
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "mlx-gw",
                          "root": m.name, "type": m.type})
     return web.json_response({"object": "list", "data": data})
