@@ -16,25 +16,13 @@ import ipaddress
 import time
 
 from mlx_gw.config import ApiKey, GatewayConfig, ModelConfig
-from mlx_gw.gateway.errors import GatewayError
+from mlx_gw.gateway.errors import Forbidden, RateLimited
 from mlx_gw.gateway.supervision.kinds import ROUTE_KINDS
 
 CURRENT_KEY: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("api_key",
                                                                             default=None)
 # What a key with a model allowlist may call besides the inference routes: the listings.
 RESTRICTED_EXTRA = ("/v1/models", "/api/tags", "/api/show", "/api/version")
-
-
-class Forbidden(GatewayError):
-    status = 403
-    type = "permission_error"
-    code = "forbidden"
-
-
-class RateLimited(GatewayError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
 
 
 class _Bucket:

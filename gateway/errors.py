@@ -90,6 +90,12 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
 
 
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
@@ -106,6 +112,17 @@ class QueueFull(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
+
+
+class InsufficientStorage(GatewayError):
+    status = 507
+    code = "insufficient_storage"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class InternalError(GatewayError):

@@ -29,8 +29,16 @@ import msgspec
 from aiohttp import web
 
 from mlx_gw.config import ModelConfig
-from mlx_gw.gateway.auth import Forbidden, check_allowed, check_pull_allowed, restricted
-from mlx_gw.gateway.errors import BadRequest, Conflict, GatewayError, NotFound, Unavailable
+from mlx_gw.gateway.auth import check_allowed, check_pull_allowed, restricted
+from mlx_gw.gateway.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    InsufficientStorage,
+    NotFound,
+    Unavailable,
+)
 from mlx_gw.gateway.routes.ollama import mark_ollama
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
@@ -40,11 +48,6 @@ from mlx_gw.gateway.translate.ollama import ModelBody, pull_status, pull_target
 from mlx_gw.gateway.translate.schemas import decode
 
 PULL_KEEPALIVE_S = 15.0
-
-
-class InsufficientStorage(GatewayError):
-    status = 507
-    code = "insufficient_storage"
 routes = web.RouteTableDef()
 
 

@@ -26,10 +26,9 @@ from typing import Any
 
 import psutil
 import zmq
-import zmq.asyncio
 
 from mlx_gw.config import ModelConfig
-from mlx_gw.gateway.supervision.worker_process import WorkerProcess, _ids, signal_name
+from mlx_gw.gateway.supervision.worker_process import WorkerProcess, signal_name, socket_pair
 from mlx_gw.worker import protocol as p
 
 log = logging.getLogger("mlxgw.worker")
@@ -113,14 +112,7 @@ class DistributedProcess(WorkerProcess):
                           label: str) -> DistributedProcess:
         dist = model.distributed
         assert dist is not None
-        n = next(_ids)
-        rx, tx = ipc_dir / f"w{n}-in", ipc_dir / f"w{n}-out"
-        pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(f"ipc://{tx}")
-        push = zmq.Context.instance().socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(f"ipc://{rx}")
+        n, rx, tx, push, pull = socket_pair(ipc_dir)
         hostfile = ipc_dir / f"w{n}-hosts.json"
         ring = [[f"{h}:{_free_port(h)}"] for h in dist.hosts]
         hostfile.write_text(json.dumps(ring))

@@ -50,6 +50,21 @@ def signal_name(signum: int) -> str:
         return str(signum)
 
 
+def socket_pair(ipc_dir: Path) -> tuple[int, Path, Path, zmq.Socket, zmq.asyncio.Socket]:
+    """A fresh worker number, its ipc paths (requests in, outputs out) and the gateway's two
+    sockets: PULL bound on the outputs path, PUSH connected to the requests path."""
+    n = next(_ids)
+    rx, tx = ipc_dir / f"w{n}-in", ipc_dir / f"w{n}-out"
+    pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(f"ipc://{tx}")
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    # Connecting (not binding) queues what we send until the worker has bound its end.
+    push.connect(f"ipc://{rx}")
+    return n, rx, tx, push, pull
+
+
 class WorkerProcess:
     def __init__(self, proc: asyncio.subprocess.Process, push: zmq.Socket, pull, paths: list[Path],
                  label: str) -> None:
@@ -67,16 +82,7 @@ class WorkerProcess:
     async def spawn(
         cls, *, ipc_dir: Path, env: dict[str, str], label: str = "spare"
     ) -> WorkerProcess:
-        n = next(_ids)
-        rx = ipc_dir / f"w{n}-in"
-        tx = ipc_dir / f"w{n}-out"
-        pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(f"ipc://{tx}")
-        push = zmq.Context.instance().socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        # Connecting (not binding) queues what we send until the worker has bound its end.
-        push.connect(f"ipc://{rx}")
+        n, rx, tx, push, pull = socket_pair(ipc_dir)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mlx_gw.worker",
             "--rx", f"ipc://{rx}", "--tx", f"ipc://{tx}", "--parent-pid", str(os.getpid()),
