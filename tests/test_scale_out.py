@@ -136,7 +136,10 @@ def test_gateways_behind_litellm(cluster, tiny_dir: Path, tmp_path: Path) -> Non
     killer.join(5)
     assert gws[0].proc.wait(10) == -signal.SIGKILL
     assert_gone(gws[0].seen_workers)  # its workers died with it
-    assert any(retries(r) for r in out), "no request met the dead gateway"
+    # tiny-0's requests after the kill (about 20 of them had not even been sent) were served
+    # by gateway 1: through LiteLLM's retry, or its -failover fallback group (no retry counted).
+    moved = [r for r in out if r.json()["model"] == "tiny-0" and served_by(r, ports) == 1]
+    assert moved, "no tiny-0 request was served by the live gateway after the kill"
     assert all(served_by(r, ports) == 1 for r in out if retries(r))
     # ...and LiteLLM stops routing to it: later requests reach gateway 1 with no failed attempt.
     time.sleep(2 * HEALTH_INTERVAL_S)
