@@ -117,14 +117,16 @@ class WorkerProcess:
                 dropped += 1
                 continue
             allowance -= 1.0
-            if dropped:
-                log.warning("[worker:%s pid=%d] %d stderr lines not logged (more than %.0f/s)",
-                            self.label, self.pid, dropped, STDERR_LINES_PER_S)
-                dropped = 0
+            dropped = self._report_dropped(dropped)
             log.info("[worker:%s pid=%d] %s", self.label, self.pid, text)
+        self._report_dropped(dropped)
+
+    def _report_dropped(self, dropped: int) -> int:
+        """Log how many stderr lines the rate limit left out (if any); returns 0."""
         if dropped:
             log.warning("[worker:%s pid=%d] %d stderr lines not logged (more than %.0f/s)",
                         self.label, self.pid, dropped, STDERR_LINES_PER_S)
+        return 0
 
     @property
     def returncode(self) -> int | None:
