@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -25,6 +26,21 @@ STREAMS = 1000
 def _rss_fds(pid: int) -> tuple[int, int]:
     proc = psutil.Process(pid)
     return proc.memory_info().rss, proc.num_fds()
+
+
+def _fd_kinds(pid: int) -> dict[str, int]:
+    """The process's open fds by kind, and its TCP connections by state (for a failure)."""
+    kinds: dict[str, int] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        kind = target.split(":")[0] if ":" in target else "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    for c in psutil.Process(pid).net_connections(kind="tcp"):
+        kinds[f"tcp {c.status}"] = kinds.get(f"tcp {c.status}", 0) + 1
+    return kinds
 
 
 def _peak_rss(pid: int) -> int:
@@ -89,7 +105,10 @@ def test_a_thousand_concurrent_streams_complete_and_leave_no_residue(
     # idle level at this scale is the one after it: later bursts must return to it.
     # A connection the client dropped without a clean close lingers until aiohttp's
     # keep-alive timeout (75 s): wait past it (seen once: 30 s was not enough on a busy CI).
-    wait_for(lambda: _rss_fds(gw.pid)[1] <= fds0, 90, "every connection closed")
+    try:
+        wait_for(lambda: _rss_fds(gw.pid)[1] <= fds0, 90, "every connection closed")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {fds0} fds idle, now {_fd_kinds(gw.pid)}") from None
     rss1, _ = _rss_fds(gw.pid)
     for burst in (2, 3):
         results = asyncio.run(_many(gw.url, STREAMS, body))
