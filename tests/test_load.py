@@ -84,13 +84,33 @@ def _warm(gw: GatewayProc, model: str) -> None:
         asyncio.run(_many(gw.url, 8, _body(model, 2)))
 
 
+def _rx_connected(gw: GatewayProc) -> bool:
+    """Whether the gateway's request socket to every worker (the refilled warm spare too) is
+    connected. The gateway connects before the worker binds, so ZeroMQ makes the connection
+    on a later retry: one fd that appears after the spare's Hello, which CI once counted as
+    a leak."""
+    workers = psutil.Process(gw.pid).children()
+    rx = [a.removeprefix("ipc://") for w in workers for a in w.cmdline() if a.endswith("-in")]
+    connected = {line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                 if len(line.split()) == 8 and line.split()[5] == "03"}
+    return len(rx) == len(workers) and all(path in connected for path in rx)
+
+
+def _idle_fds(gw: GatewayProc) -> tuple[int, int]:
+    """The gateway's RSS and fds at rest: after the warm spare that the load consumed is
+    replaced (its spawn adds a pipe and a pidfd) and its request socket connected."""
+    wait_for(lambda: gw.log_path.read_text().count("up (spare)") >= 2, 60, "the spare refilled")
+    wait_for(lambda: _rx_connected(gw), 30, "every worker's request socket connected")
+    return _rss_fds(gw.pid)
+
+
 def test_a_thousand_concurrent_streams_complete_and_leave_no_residue(
         start_gateway, tiny_dir: Path) -> None:
     gw = start_gateway({"gateway": {"port": 0, "max_queue": 2 * STREAMS},
                         "models": {"tiny-0": {"type": "llm", "path": str(tiny_dir / "tiny-0"),
                                               "max_batch": 64, "max_queue": 2 * STREAMS}}})
     _warm(gw, "tiny-0")
-    rss0, fds0 = _rss_fds(gw.pid)
+    rss0, fds0 = _idle_fds(gw)
     body = _body("tiny-0", 3)
     t0 = time.monotonic()
     results = asyncio.run(_many(gw.url, STREAMS, body))
