@@ -50,8 +50,8 @@ from bench.stats import markdown, summarize
 from bench.workload import Item, Span, arrivals, build
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-ALL_TARGETS = ["gateway", "gateway-nocache", "in-process", "mlx_lm.server", "llama.cpp",
-               "vllm-mlx", "mlx-serve", "url"]
+ALL_TARGETS = ["gateway", "gateway-nocache", "gateway-nospare", "in-process", "mlx_lm.server",
+               "llama.cpp", "vllm-mlx", "mlx-serve", "url"]
 AGENT_TARGETS = ["gateway", "gateway-nocache", "mlx_lm.server"]
 AGENT_CACHE_BYTES = 2 * 2**30  # 4 conversations of ~4,400 f32 SmolLM2 tokens: ~0.8 GB of KV
 WARMUP_TOKENS = 4
@@ -198,11 +198,11 @@ async def _start(stack: contextlib.AsyncExitStack, name: str, args: argparse.Nam
     max_batch = max([*args.streams, args.mix_streams if args.mix else 0, args.max_batch,
                      *([args.agent_conversations, args.agent_nohit_streams]
                        if args.agent_turns else [])])
-    if name in ("gateway", "gateway-nocache"):
+    if name in ("gateway", "gateway-nocache", "gateway-nospare"):
         cache = 0 if name == "gateway-nocache" else args.prompt_cache_bytes
         return await stack.enter_async_context(T.gateway(
             name, {"bench": model_dir}, out / f"{name}.log", env, extra, max_batch, args.dtype,
-            prompt_cache_bytes=cache))
+            prompt_cache_bytes=cache, warm_spare=name != "gateway-nospare"))
     if name == "in-process":
         return await stack.enter_async_context(T.inprocess(
             name, model_dir, max_batch, env, extra.get("logit_bias", {})))

@@ -16,6 +16,8 @@
 #   bench2     the same again (the targets ask for two consecutive runs)
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
+#   contexts   bench.gpu_contexts: decode steps with 0-2 idle processes holding the GPU
+#   nospare    python3 -m bench, gateway vs gateway-nospare vs in-process, 1 16 64 streams
 # Each step's console output goes to STEP.log, its results to STEP/ (results.json, summary.md,
 # the gateway's log with the worker's step lines), all in $OUT/gpu-results.tgz (the device
 # returns at most 8 files), refreshed after every step; each summary is printed too.
@@ -111,6 +113,12 @@ run() {
                 --shape llama-3.1-8b --dtype bfloat16 --bits 4
             bench_run 8b --model-dir /root/m8b --targets gateway in-process mlx_lm.server \
                 --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 1 ;;
+        contexts)
+            timeout "${STEP_TIMEOUT:-400}" python3 -m bench.gpu_contexts /root/m1b --tokens 128 \
+                --streams 1 16 64 --reps 3 2>&1 | tee "$out/contexts.log" || true ;;
+        nospare)
+            bench_run nospare --model-dir /root/m1b --targets gateway gateway-nospare in-process \
+                --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
         esac
     done

@@ -213,13 +213,15 @@ async def server(name: str, argv: Callable[[int], list[str]], ready_path: str, l
 @contextlib.asynccontextmanager
 async def gateway(name: str, models: dict[str, Path], log: Path, env: dict[str, str],
                   extra: dict[str, Any], max_batch: int, dtype: str | None,
-                  max_loaded: int | None = None, prompt_cache_bytes: int | None = None
-                  ) -> AsyncIterator[HttpTarget]:
+                  max_loaded: int | None = None, prompt_cache_bytes: int | None = None,
+                  warm_spare: bool = True) -> AsyncIterator[HttpTarget]:
     """`mlx-gw start --foreground` serving `models` (name -> dir); the models load before the
     target is handed out, except under `max_loaded` (the mix scenario loads on demand).
-    `prompt_cache_bytes`: each model's prompt cache budget (0: off; None: the default)."""
+    `prompt_cache_bytes`: each model's prompt cache budget (0: off; None: the default);
+    `warm_spare` off: no idle second worker process (on a GPU, a second CUDA context)."""
     home = Path(tempfile.mkdtemp(prefix="mlxgw-bench-"))
-    gw = {"port": 0, **({"max_loaded_models": max_loaded} if max_loaded else {})}
+    gw = {"port": 0, **({"max_loaded_models": max_loaded} if max_loaded else {}),
+          **({} if warm_spare else {"warm_spare": False})}
     spec = {"type": "llm", "max_batch": max_batch, "keep_alive": -1,
             **({"dtype": dtype} if dtype else {}),
             **({"prompt_cache": {"max_bytes": prompt_cache_bytes}}
