@@ -280,9 +280,13 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
         # (the embedding engine, while a burst is still arriving).
         timeout_ms = (getattr(engine, "linger_ms", 0) if not idle
                       else max(0, int((next_hb - now) * 1000)))
+        t_poll = time.perf_counter()
         if rx.poll(timeout_ms):
+            t_drain = time.perf_counter()
+            steps.spent("poll", t_poll)
             if not _drain(engine, rx, send, name):
                 return 0
+            steps.spent("drain", t_drain)
             if idle and engine.busy:
                 # Requests of a burst arrive a few ms apart: let the burst land before the
                 # first step, so it enters as one batch rather than in pieces (each piece
@@ -302,14 +306,17 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                 for rid in engine.abort_all():
                     send(p.Error(rid=rid, code="internal", message=f"engine failure: {e}"))
                 deltas = []
+            t_send = time.perf_counter()
             if deltas:
                 if isinstance(deltas[0], p.Delta):  # text engines: one frame per step
                     send(p.Outputs(items=deltas))
                 else:  # other kinds answer with their own result messages
                     for result in deltas:
                         send(result)
+            steps.spent("send", t_send)
         now = time.monotonic()
         if now >= next_hb:
+            t_hb = time.perf_counter()
             send(
                 p.Heartbeat(
                     memory_bytes=memory_bytes(),
@@ -321,4 +328,5 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                 )
             )
             next_hb = now + HEARTBEAT_INTERVAL_S
+            steps.spent("heartbeat", t_hb)
             steps.report()

@@ -25,6 +25,12 @@ class StepLog:
         self._busy_since = 0.0  # the start of the first step since the last report
         self._last_end = 0.0
         self._sizes = 0
+        self._parts: dict[str, float] = {}  # time between steps, by what the loop did
+
+    def spent(self, part: str, t0: float) -> None:
+        """The loop spent from `t0` (time.perf_counter) to now on `part` between steps."""
+        if STATS and self._steps:
+            self._parts[part] = self._parts.get(part, 0.0) + time.perf_counter() - t0
 
     def stepped(self, t0: float, in_flight: int) -> None:
         """One engine step ran from `t0` (time.perf_counter) to now."""
@@ -47,9 +53,11 @@ class StepLog:
         steps = sorted(self._steps)
         span = self._last_end - self._busy_since
         n = len(steps)
+        parts = ", ".join(f"{k} {v / max(1, n - 1) * 1e3:.3f}" for k, v in self._parts.items())
         log.info("[worker:%s] steps %d in %.3fs: step p50 %.2f mean %.2f max %.1f ms, "
-                 "between steps %.3f ms each, mean batch %.1f", self.name, n, span,
+                 "between steps %.3f ms each (%s), mean batch %.1f", self.name, n, span,
                  steps[n // 2] * 1e3, sum(steps) / n * 1e3, steps[-1] * 1e3,
-                 (span - sum(steps)) / max(1, n - 1) * 1e3, self._sizes / n)
+                 (span - sum(steps)) / max(1, n - 1) * 1e3, parts, self._sizes / n)
         self._steps = []
         self._sizes = 0
+        self._parts = {}
