@@ -2,8 +2,10 @@
 
 Greedy output is identical with and without speculation for a batch of 8, with prompt lookup
 (ngram) and with a draft model (the model itself: every proposal right; another tiny model:
-most wrong); a draft with another tokenizer is refused at load with a clear error; the
-acceptance counters reach /api/ps and /metrics.
+most wrong), also for greedy rows sharing the batch with sampled ones; sampled rows speculate
+by rejection sampling and their first tokens have the exact distribution the target's own
+logits give (chi-square, both methods); a draft with another tokenizer is refused at load
+with a clear error; the acceptance counters reach /api/ps and /metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from tests.conftest import GatewayProc, serving
 
 NEW_TOKENS = 120  # long enough for greedy tiny-model output to repeat itself
+SAMPLING = {"temperature": 0.7, "top_k": 3}  # the sampled rows' settings
 # Repetitive prompts (a text to edit, a list to continue): prompt lookup finds n-grams again.
 PROMPTS = [
     "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox",
@@ -32,7 +35,9 @@ PROMPTS = [
 ]
 
 
-def _run(tiny: Path, prompts: list[str], **load: Any) -> tuple[list[str], Any]:
+def _run(tiny: Path, prompts: list[str], sampled: tuple[int, ...] = (),
+         **load: Any) -> tuple[list[str], Any]:
+    """Each prompt's output (greedy, but rows in `sampled` sample) and the engine's Gate."""
     from mlx_gw.worker.engines.llm import LLMEngine
     from mlx_gw.worker.protocol import Generate, Load
 
@@ -40,8 +45,9 @@ def _run(tiny: Path, prompts: list[str], **load: Any) -> tuple[list[str], Any]:
                                       prompt_cache_bytes=0, **load))
     texts = [""] * len(prompts)
     for i, text in enumerate(prompts):
-        engine.submit(Generate(rid=i + 1, prompt=text, max_tokens=NEW_TOKENS, temperature=0.0,
-                               ignore_eos=True))
+        sampling = SAMPLING if i in sampled else {"temperature": 0.0}
+        engine.submit(Generate(rid=i + 1, prompt=text, max_tokens=NEW_TOKENS, ignore_eos=True,
+                               **sampling))
     while engine.busy:
         for d in engine.step():
             texts[d.rid - 1] += d.text
@@ -67,6 +73,19 @@ def test_ngram_speculation_keeps_greedy_output(tiny_dir: Path, plain: list[str],
     cycling = PROMPTS[:2] * 4  # eight rows whose output soon repeats: most proposals right
     texts, gate = _run(tiny_dir / "tiny-0", cycling, speculative="ngram", spec_tokens=4)
     assert texts == plain[:2] * 4
+    assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)
+
+
+def test_greedy_rows_beside_sampled_rows_keep_their_output(tiny_dir: Path, plain: list[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_gw.worker.engines import speculative
+
+    monkeypatch.setattr(speculative, "PAYS", 0.0)  # speculate whatever the timing says
+    # The model drafting for itself, so the sampled rows accept most proposals too.
+    texts, gate = _run(tiny_dir / "tiny-0", PROMPTS, sampled=(1, 3, 5, 7), speculative="draft",
+                       spec_tokens=3, spec_draft_path=str(tiny_dir / "tiny-0"))
+    assert texts[0::2] == plain[0::2]
+    assert texts[1::2] != plain[1::2]
     assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)
 
 
@@ -210,3 +229,131 @@ def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again()
     for _ in range(MISS_REST_STEPS):
         gate.plain(0.1)
     assert gate.on
+
+
+# Sampled rows (temperature > 0) speculate by rejection sampling: their output must have the
+# sampler's exact distribution. The reference is computed from the target itself (one forward
+# pass per prefix, top-k and temperature applied here with numpy), so the test needs no second
+# sampled run; a wrong rule (accepting every proposal, drawing the residual from p instead of
+# max(0, p - q), accepting with p(x) instead of p(x)/q(x), ignoring top-k) moves the
+# distribution of the first tokens far out of the chi-square bound at this N (p-values of
+# 1e-10 to 1e-57 where the right rule gives 0.03 to 0.9).
+DEPTH = 3  # tokens per sample: the first is the prefill's, the next ones are speculated
+SAMPLES, ROWS = 768, 4  # rows per batch: the batch's common acceptance count m is exercised
+
+
+def _exact(model_dir: Path, prompt: list[int]) -> dict[tuple[str, ...], float]:
+    """P(first DEPTH tokens) under SAMPLING, from the target's own logits, keyed by text."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    model, tok = load(str(model_dir))
+    out: dict[tuple[str, ...], float] = {}
+
+    def walk(prefix: list[int], prob: float) -> None:
+        if len(prefix) == DEPTH:
+            key = tuple(tok.decode([t]) for t in prefix)
+            out[key] = out.get(key, 0.0) + prob
+            return
+        logits = np.array(model(mx.array([prompt + prefix]))[0, -1].astype(mx.float32))
+        top = np.argsort(-logits)[:SAMPLING["top_k"]]
+        z = logits[top] / SAMPLING["temperature"]
+        w = np.exp(z - z.max())
+        for t, pw in zip(top, w / w.sum(), strict=True):
+            walk([*prefix, int(t)], prob * float(pw))
+
+    walk([], 1.0)
+    return out
+
+
+def _chi2_p(counts: dict[tuple[str, ...], int], exact: dict[tuple[str, ...], float]) -> float:
+    """Goodness-of-fit p-value (categories expecting fewer than 5 pooled; Wilson-Hilferty)."""
+    import math
+
+    n = sum(counts.values())
+    assert set(counts) <= set(exact), set(counts) - set(exact)  # e.g. a token outside top-k
+    big = [k for k, p in exact.items() if p * n >= 5]
+    cells = [(counts.get(k, 0), exact[k] * n) for k in big]
+    rest = n - sum(o for o, _ in cells)
+    if n - sum(e for _, e in cells) > 0:
+        cells.append((rest, n - sum(e for _, e in cells)))
+    stat, df = sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _sample(tiny: Path, prompt: list[int], **load: Any) -> tuple[dict[tuple[str, ...], int], Any]:
+    import mlx.core as mx
+
+    from mlx_gw.worker.engines.llm import LLMEngine
+    from mlx_gw.worker.protocol import Generate, Load
+
+    mx.random.seed(17)  # unseeded requests share the global PRNG: the run is reproducible
+    engine = LLMEngine.from_load(Load(name="t", type="llm", path=str(tiny), max_batch=ROWS,
+                                      prompt_cache_bytes=0, **load))
+    counts: dict[tuple[str, ...], int] = {}
+    rid = 0
+    for _ in range(SAMPLES // ROWS):
+        tokens: dict[int, list[str]] = {}
+        for _ in range(ROWS):
+            rid += 1
+            tokens[rid] = []
+            engine.submit(Generate(rid=rid, prompt=prompt, max_tokens=DEPTH, ignore_eos=True,
+                                   logprobs=True, **SAMPLING))
+        while engine.busy:
+            for d in engine.step():
+                tokens[d.rid] += [lp.token for lp in d.logprobs or []]
+        for t in tokens.values():
+            counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    engine.close()
+    return counts, engine.spec
+
+
+@pytest.fixture(scope="module")
+def sharp_draft(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-0 with its output projection doubled: the same ranking, a sharper distribution,
+    so its proposals are often but not always accepted, and the residual max(0, p - q) a
+    rejection draws from is far from p."""
+    import mlx.core as mx
+
+    dest = tmp_path_factory.mktemp("sharp") / "sharp"
+    shutil.copytree(tiny_dir / "tiny-0", dest)
+    weights = mx.load(str(dest / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 2.0
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return dest
+
+
+def _prompt(tiny: Path, *, looping: bool) -> list[int]:
+    """A short prompt; `looping`: followed by tiny-0's own greedy continuation, which ends in
+    a loop that sampled continuations often repeat, so prompt lookup has proposals, some of
+    them rejected."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, tok = load(str(tiny))
+    ids = tok.encode("one two three four")
+    if not looping:
+        return ids
+    steps = generate_step(mx.array(ids), model, max_tokens=60)
+    return ids + [int(t) for t, _ in steps]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_sampled_rows_speculate_with_the_exact_distribution(
+        tiny_dir: Path, sharp_draft: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_gw.worker.engines import speculative
+
+    # Speculate on every step from the first, whatever the timing says.
+    monkeypatch.setattr(speculative, "PROBE_STEPS", 0)
+    monkeypatch.setattr(speculative, "PAYS", 0.0)
+    monkeypatch.setattr(speculative, "MISSES_OFF", 10**9)
+    tiny = tiny_dir / "tiny-0"
+    prompt = _prompt(tiny, looping=method == "ngram")
+    load = {"spec_draft_path": str(sharp_draft)} if method == "draft" else {}
+    counts, gate = _sample(tiny, prompt, speculative=method, spec_tokens=3, **load)
+    assert gate.accepted > 0 and gate.proposed > gate.accepted, (gate.proposed, gate.accepted)
+    p = _chi2_p(counts, _exact(tiny, prompt))
+    assert p > 1e-3, (p, sorted(counts.items(), key=lambda kv: -kv[1])[:8])

@@ -2,8 +2,10 @@
 
 Greedy requests get no sampler (mlx-lm's batched argmax runs once for the whole batch).
 Unseeded sampling requests with equal parameters share one sampler object, so BatchGenerator
-can still sample them in one batched call. A seeded request owns a sampler with its own PRNG
-key chain, so its output depends on its seed alone, not on what else shares the batch.
+can still sample them in one batched call; it carries its parameters, so speculative decoding
+can compute the distribution it samples from (`spec_sampling`). A seeded request owns a sampler
+with its own PRNG key chain, so its output depends on its seed alone, not on what else shares
+the batch.
 """
 
 from __future__ import annotations
@@ -28,9 +30,25 @@ def _filters(top_p: float, top_k: int, min_p: float) -> list[Callable[[mx.array]
     return methods
 
 
+class SharedSampler:
+    """mlx-lm's sampler for these parameters, plus the parameters: `filters` then a softmax of
+    the filtered log-probabilities times 1/temp is the distribution `__call__` samples from."""
+
+    def __init__(self, temp: float, top_p: float, top_k: int, min_p: float) -> None:
+        self.temp, self.top_p, self.top_k, self.min_p = temp, top_p, top_k, min_p
+        self._sample = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return self._sample(logprobs)
+
+    def filters(self) -> list[Callable[[mx.array], mx.array]]:
+        """The filters make_sampler applies, in its order (top-p, min-p, top-k)."""
+        return _filters(self.top_p, self.top_k, self.min_p)
+
+
 @lru_cache(maxsize=256)
 def _shared_sampler(temp: float, top_p: float, top_k: int, min_p: float) -> Sampler:
-    return make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    return SharedSampler(temp, top_p, top_k, min_p)
 
 
 def _seeded_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int) -> Sampler:

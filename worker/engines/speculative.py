@@ -9,11 +9,14 @@ that followed the latest earlier occurrence of the row's last n-gram) or from a 
 (`draft`) that shares the tokenizer; its caches ride in the batch's cache list after the
 target's (`DraftPair`), so BatchGenerator merges, filters and extracts them with the rest.
 
-Exactness: the emitted tokens are the target's own argmax at each position, so greedy output
-is the same as without speculation. BatchKVCache rewinds every row by the same count, so a
-step accepts the fewest proposals any row got right (m) and emits m+1 tokens per row; a row
-without a proposal (ngram) makes the step a plain one. Sampling rows, logits processors
-(penalties, grammars) or a missing proposal run mlx-lm's plain step. `Gate` measures tokens
+Exactness: for a batch of greedy rows the emitted tokens are the target's own argmax at each
+position, so greedy output is the same as without speculation. Rows that sample verify by
+rejection sampling (`spec_sampling`: accept with probability min(1, p/q), else draw from the
+residual), so their output has the sampler's exact distribution; the draft then samples from
+its own processed distribution. BatchKVCache rewinds every row by the same count, so a step
+accepts the fewest proposals any row accepted (m) and emits m+1 tokens per row; a row without
+a proposal (ngram) makes the step a plain one. Seeded rows, logits processors (penalties,
+grammars) or a missing proposal run mlx-lm's plain step. `Gate` measures tokens
 per second per row with and without speculation and turns it off (backing off, then probing
 again) while it does not pay.
 """
@@ -29,6 +32,9 @@ import numpy as np
 from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
+
+from mlx_gw.worker.engines import spec_sampling
+from mlx_gw.worker.engines.spec_sampling import RowDists
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -165,10 +171,13 @@ class SpeculativeBatch(GenerationBatch):
         if not self.uids:
             return []
         t0 = time.perf_counter()  # plain steps run ahead (async): a call's wall time is a step
-        greedy = all(s is greedy_sampler or s is None for s in self.samplers or []) and \
-            not any(self.logits_processors)
-        proposals = self._propose() if greedy and self.gate.on else None
-        if proposals is None and greedy and self.gate.on:
+        plain = any(self.logits_processors)
+        greedy = not plain and all(s is greedy_sampler or s is None for s in self.samplers or [])
+        # Rows that sample: their distributions (None for a seeded row: the plain step).
+        dists = None if greedy or plain else spec_sampling.row_dists(self.samplers)
+        can = greedy or dists is not None
+        proposals = self._propose(dists) if can and self.gate.on else None
+        if proposals is None and can and self.gate.on:
             self.gate.no_proposal()
         if self.pair is not None:
             self.pair.skip_draft = self.gate.backing_off
@@ -176,33 +185,41 @@ class SpeculativeBatch(GenerationBatch):
             out = super().next()
             self.gate.plain(time.perf_counter() - t0)
             return out
-        return self._verify(proposals, t0)
+        return self._verify(*proposals, t0, dists)
 
-    def _propose(self) -> mx.array | None:
+    def _propose(self, dists: RowDists | None) -> tuple[mx.array, mx.array | None] | None:
+        """Each row's K proposals and, for a sampling draft, the draft's distributions."""
         y = self._next_tokens
         mx.eval(y)
         if self.method == "draft":
-            return self._draft(y)
+            return self._draft(y, dists)
         rows = []
         for tokens, last in zip(self.tokens, y.tolist(), strict=True):
             p = ngram_proposal([*tokens, last], self.k)
             if p is None:
                 return None  # a row without a guess: every row would accept nothing
             rows.append(p)
-        return mx.array(rows, dtype=y.dtype)
+        return mx.array(rows, dtype=y.dtype), None
 
-    def _draft(self, y: mx.array) -> mx.array:
+    def _draft(self, y: mx.array, dists: RowDists | None) -> tuple[mx.array, mx.array | None]:
         assert self.pair is not None
         n = self.pair.n_target
         cache = self.prompt_cache[n:n + self.pair.n_draft]
         self._catch_up(cache)
-        x, out = y[:, None], []
+        x, out, qs = y[:, None], [], []
         for _ in range(self.k):
-            x = mx.argmax(self.pair.draft(x, cache=cache)[:, -1, :], axis=-1)[:, None]
+            logits = self.pair.draft(x, cache=cache)[:, -1, :]
+            if dists is None:
+                x = mx.argmax(logits, axis=-1)[:, None]
+            else:
+                token, q = spec_sampling.draft_step(logits, dists)
+                x = token[:, None]
+                qs.append(q)
             out.append(x)
         for c in cache:  # back to before y: the verify pass feeds the draft y..dK itself
             c.trim(self.k)
-        return mx.concatenate(out, axis=1).astype(y.dtype)
+        return (mx.concatenate(out, axis=1).astype(y.dtype),
+                mx.stack(qs, axis=1) if qs else None)
 
     def _catch_up(self, cache: list[Any]) -> None:
         """Feed the draft the latest tokens it skipped while speculation was off (each row's
@@ -219,24 +236,30 @@ class SpeculativeBatch(GenerationBatch):
         for c in cache:
             c.finalize()
 
-    def _verify(self, d: mx.array, t0: float) -> list[Any]:
+    def _verify(self, d: mx.array, q: mx.array | None, t0: float,
+                dists: RowDists | None) -> list[Any]:
         y, y_logprobs = self._next_tokens, self._next_logprobs
         k = d.shape[1]
         logits = self.model(mx.concatenate([y[:, None], d], axis=1), cache=self.prompt_cache)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        t = mx.argmax(logits, axis=-1)
-        mx.eval(t)
-        t_rows, d_rows, y_list = t.tolist(), d.tolist(), y.tolist()
-        accepted = []
-        for tr, dr in zip(t_rows, d_rows, strict=True):
-            a = 0
-            while a < k and dr[a] == tr[a]:
-                a += 1
-            accepted.append(a)
-        m = min(accepted)
+        if dists is None:  # greedy rows: accept the proposals equal to the target's argmax
+            t = mx.argmax(logits, axis=-1)
+            mx.eval(t)
+            accepted = []
+            for tr, dr in zip(t.tolist(), d.tolist(), strict=True):
+                a = 0
+                while a < k and dr[a] == tr[a]:
+                    a += 1
+                accepted.append(a)
+            m = min(accepted)
+            following = t[:, m]
+        else:
+            accepted, following = spec_sampling.accept(dists.probs(logprobs), d, q)
+            m = min(accepted)
         for c in self.prompt_cache:
             c.trim(k - m)
-        self._next_tokens = t[:, m]
+        self._next_tokens = following.astype(y.dtype)
+        d_rows, y_list = d.tolist(), y.tolist()
         self._next_logprobs = list(logprobs[:, m])
         responses, keep = [], []
         for i in range(len(self.uids)):
