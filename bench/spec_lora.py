@@ -13,6 +13,9 @@ workers), so every configuration of a rep runs back to back on the same loaded m
   last 16 layers); 4 streams on 4 adapters vs 4 streams on the base.
 
     python -m bench.spec_lora --reps 3 --tokens 96 --out bench/out/spec-lora
+
+`--temperature T` samples instead (unseeded; sampled rows speculate by rejection sampling):
+outputs then differ run to run, so only rates and acceptance are compared.
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def make_adapters(target: Path, n: int, rank: int = 8, layers: int = 16) -> list
     return out
 
 
-def run(engine, prompts: list[str], tokens: int, adapters: list[str] | None = None
-        ) -> tuple[float, list[str], float]:
+def run(engine, prompts: list[str], tokens: int, adapters: list[str] | None = None,
+        temperature: float = 0.0) -> tuple[float, list[str], float]:
     """Generated tokens per second (all streams together, prefill included), the texts, and
     the decode-only rate (tokens after each stream's first, from the first token on)."""
     from mlx_gw.worker.protocol import Generate
@@ -109,7 +112,7 @@ def run(engine, prompts: list[str], tokens: int, adapters: list[str] | None = No
     first: float | None = None
     for i, p in enumerate(prompts):
         engine.submit(Generate(rid=i + 1, messages=[{"role": "user", "content": p}],
-                               max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                               max_tokens=tokens, temperature=temperature, ignore_eos=True,
                                adapter=adapters[i] if adapters else ""))
     while engine.busy:
         for d in engine.step():
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--draft-layers", type=int, default=6)
     ap.add_argument("--spec-tokens", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (0: greedy, outputs compared with off)")
     ap.add_argument("--out", type=Path, default=OUT / "spec-lora")
     ap.add_argument("--only", choices=["spec", "lora"], default=None)
     ap.add_argument("--work", default=None, help="only the speculation workload named so, "
@@ -149,6 +154,7 @@ def main() -> None:
             "prompt_cache_bytes": 0}
     results: dict[str, list[float]] = {}
     meta = {"blas": os.environ.get("LD_PRELOAD", "none"), "tokens": args.tokens,
+            "temperature": args.temperature,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if args.only in (None, "spec"):
         draft = draft_dir(target, args.draft_layers)
@@ -169,9 +175,11 @@ def main() -> None:
                 for name, eng in engines.items():
                     if eng.spec is not None:  # each run learns afresh whether it pays
                         eng.spec = eng._gen._generation_batch.gate = Gate()
-                    rate, texts, decode = run(eng, prompts, args.tokens)
+                    rate, texts, decode = run(eng, prompts, args.tokens,
+                                              temperature=args.temperature)
                     ref = texts if ref is None else ref
-                    differ = sum(a != b for a, b in zip(texts, ref, strict=True))
+                    differ = 0 if args.temperature else sum(
+                        a != b for a, b in zip(texts, ref, strict=True))
                     key = f"greedy outputs differing from off, {name}"
                     meta[key] = meta.get(key, 0) + differ
                     results.setdefault(f"{work} {name}", []).append(rate)
