@@ -35,9 +35,10 @@ PROMPTS = [
 ]
 
 
-def _run(tiny: Path, prompts: list[str], sampled: tuple[int, ...] = (),
+def _run(tiny: Path, prompts: list[str], sampled: tuple[int, ...] = (), seed: int | None = None,
          **load: Any) -> tuple[list[str], Any]:
-    """Each prompt's output (greedy, but rows in `sampled` sample) and the engine's Gate."""
+    """Each prompt's output (greedy, but rows in `sampled` sample, with `seed` if given) and
+    the engine's Gate."""
     from mlx_gw.worker.engines.llm import LLMEngine
     from mlx_gw.worker.protocol import Generate, Load
 
@@ -45,7 +46,7 @@ def _run(tiny: Path, prompts: list[str], sampled: tuple[int, ...] = (),
                                       prompt_cache_bytes=0, **load))
     texts = [""] * len(prompts)
     for i, text in enumerate(prompts):
-        sampling = SAMPLING if i in sampled else {"temperature": 0.0}
+        sampling = {**SAMPLING, "seed": seed} if i in sampled else {"temperature": 0.0}
         engine.submit(Generate(rid=i + 1, prompt=text, max_tokens=NEW_TOKENS, ignore_eos=True,
                                **sampling))
     while engine.busy:
@@ -87,6 +88,20 @@ def test_greedy_rows_beside_sampled_rows_keep_their_output(tiny_dir: Path, plain
     assert texts[0::2] == plain[0::2]
     assert texts[1::2] != plain[1::2]
     assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)
+
+
+def test_seeded_rows_keep_their_seeds_output(tiny_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seeded row samples from its own key chain, so its output is its seed's; speculating
+    (when depends on timing) would change which draws it uses, so its batch steps plainly."""
+    from mlx_gw.worker.engines import speculative
+
+    monkeypatch.setattr(speculative, "PAYS", 0.0)
+    rows = tuple(range(len(PROMPTS)))
+    alone = _run(tiny_dir / "tiny-0", PROMPTS, sampled=rows, seed=5)[0]
+    texts, gate = _run(tiny_dir / "tiny-0", PROMPTS, sampled=rows, seed=5, speculative="draft",
+                       spec_tokens=3, spec_draft_path=str(tiny_dir / "tiny-0"))
+    assert texts == alone and gate.proposed == 0
 
 
 def test_ngram_speculation_on_a_quantized_kv_cache(tmp_path: Path) -> None:
