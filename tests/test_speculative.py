@@ -248,8 +248,8 @@ def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again()
 
 # Sampled rows (temperature > 0) speculate by rejection sampling: their output must have the
 # sampler's exact distribution. The reference is computed from the target itself (one forward
-# pass per prefix, top-k and temperature applied here with numpy), so the test needs no second
-# sampled run; a wrong rule (accepting every proposal, drawing the residual from p instead of
+# pass per prefix, the filters and temperature applied here with numpy), so the test needs no
+# second sampled run; a wrong rule (accepting every proposal, drawing the residual from p instead of
 # max(0, p - q), accepting with p(x) instead of p(x)/q(x), ignoring top-k) moves the
 # distribution of the first tokens far out of the chi-square bound at this N (p-values of
 # 1e-10 to 1e-57 where the right rule gives 0.03 to 0.9).
@@ -257,8 +257,31 @@ DEPTH = 3  # tokens per sample: the first is the prefill's, the next ones are sp
 SAMPLES, ROWS = 768, 4  # rows per batch: the batch's common acceptance count m is exercised
 
 
-def _exact(model_dir: Path, prompt: list[int]) -> dict[tuple[str, ...], float]:
-    """P(first DEPTH tokens) under SAMPLING, from the target's own logits, keyed by text."""
+def _filtered(logits: Any, sampling: dict[str, Any]) -> Any:
+    """The probabilities mlx-lm's sampler draws from (top-p, min-p, top-k, then temperature),
+    written out with numpy: the tokens whose more likely tokens hold less than top_p of the
+    mass, those within min_p of the best, the top_k best."""
+    import numpy as np
+
+    lp = logits - logits.max()
+    lp = lp - np.log(np.exp(lp).sum())
+    keep = np.ones(lp.shape, dtype=bool)
+    order = np.argsort(-lp)
+    if sampling.get("top_p"):
+        before = np.cumsum(np.exp(lp[order])) - np.exp(lp[order])
+        keep[order[before >= sampling["top_p"]]] = False
+    if sampling.get("min_p"):
+        keep &= lp >= lp.max() + np.log(sampling["min_p"])
+    if sampling.get("top_k"):
+        keep[order[sampling["top_k"]:]] = False
+    z = np.where(keep, lp / sampling["temperature"], -np.inf)
+    w = np.exp(z - z.max())
+    return w / w.sum()
+
+
+def _exact(model_dir: Path, prompt: list[int],
+           sampling: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    """P(first DEPTH tokens) under `sampling`, from the target's own logits, keyed by text."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load
@@ -272,11 +295,9 @@ def _exact(model_dir: Path, prompt: list[int]) -> dict[tuple[str, ...], float]:
             out[key] = out.get(key, 0.0) + prob
             return
         logits = np.array(model(mx.array([prompt + prefix]))[0, -1].astype(mx.float32))
-        top = np.argsort(-logits)[:SAMPLING["top_k"]]
-        z = logits[top] / SAMPLING["temperature"]
-        w = np.exp(z - z.max())
-        for t, pw in zip(top, w / w.sum(), strict=True):
-            walk([*prefix, int(t)], prob * float(pw))
+        probs = _filtered(logits.astype(np.float64), sampling)
+        for t in np.flatnonzero(probs):
+            walk([*prefix, int(t)], prob * float(probs[t]))
 
     walk([], 1.0)
     return out
@@ -298,7 +319,8 @@ def _chi2_p(counts: dict[tuple[str, ...], int], exact: dict[tuple[str, ...], flo
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def _sample(tiny: Path, prompt: list[int], **load: Any) -> tuple[dict[tuple[str, ...], int], Any]:
+def _sample(tiny: Path, prompt: list[int], sampling: dict[str, Any], samples: int,
+            **load: Any) -> tuple[dict[tuple[str, ...], int], Any]:
     import mlx.core as mx
 
     from mlx_gw.worker.engines.llm import LLMEngine
@@ -309,13 +331,13 @@ def _sample(tiny: Path, prompt: list[int], **load: Any) -> tuple[dict[tuple[str,
                                       prompt_cache_bytes=0, **load))
     counts: dict[tuple[str, ...], int] = {}
     rid = 0
-    for _ in range(SAMPLES // ROWS):
+    for _ in range(samples // ROWS):
         tokens: dict[int, list[str]] = {}
         for _ in range(ROWS):
             rid += 1
             tokens[rid] = []
             engine.submit(Generate(rid=rid, prompt=prompt, max_tokens=DEPTH, ignore_eos=True,
-                                   logprobs=True, **SAMPLING))
+                                   logprobs=True, **sampling))
         while engine.busy:
             for d in engine.step():
                 tokens[d.rid] += [lp.token for lp in d.logprobs or []]
@@ -356,9 +378,18 @@ def _prompt(tiny: Path, *, looping: bool) -> list[int]:
     return ids + [int(t) for t, _ in steps]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+NUCLEUS = {"temperature": 0.7, "top_p": 0.8, "min_p": 0.05}
+
+
+# The nucleus case checks the other filters (a wrong one samples outside the support at once):
+# half the samples.
+@pytest.mark.parametrize(("method", "sampling", "samples"),
+                         [("ngram", SAMPLING, SAMPLES), ("draft", SAMPLING, SAMPLES),
+                          ("draft", NUCLEUS, SAMPLES // 2)],
+                         ids=["ngram-top_k", "draft-top_k", "draft-top_p-min_p"])
 def test_sampled_rows_speculate_with_the_exact_distribution(
-        tiny_dir: Path, sharp_draft: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_dir: Path, sharp_draft: Path, method: str, sampling: dict[str, Any], samples: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from mlx_gw.worker.engines import speculative
 
     # Speculate on every step from the first, whatever the timing says.
@@ -368,7 +399,8 @@ def test_sampled_rows_speculate_with_the_exact_distribution(
     tiny = tiny_dir / "tiny-0"
     prompt = _prompt(tiny, looping=method == "ngram")
     load = {"spec_draft_path": str(sharp_draft)} if method == "draft" else {}
-    counts, gate = _sample(tiny, prompt, speculative=method, spec_tokens=3, **load)
+    counts, gate = _sample(tiny, prompt, sampling, samples, speculative=method, spec_tokens=3,
+                           **load)
     assert gate.accepted > 0 and gate.proposed > gate.accepted, (gate.proposed, gate.accepted)
-    p = _chi2_p(counts, _exact(tiny, prompt))
+    p = _chi2_p(counts, _exact(tiny, prompt, sampling))
     assert p > 1e-3, (p, sorted(counts.items(), key=lambda kv: -kv[1])[:8])
