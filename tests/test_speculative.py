@@ -4,7 +4,8 @@ Greedy output is identical with and without speculation for a batch of 8, with p
 (ngram) and with a draft model (the model itself: every proposal right; another tiny model:
 most wrong), also for greedy rows sharing the batch with sampled ones; sampled rows speculate
 by rejection sampling and their first tokens have the exact distribution the target's own
-logits give (chi-square, both methods); a draft with another tokenizer is refused at load
+logits give (chi-square, both methods), and through a real gateway a sampled request's
+proposals are accepted; a draft with another tokenizer is refused at load
 with a clear error; the acceptance counters reach /api/ps and /metrics.
 """
 
@@ -177,6 +178,23 @@ def test_acceptance_shows_in_ps_and_metrics(gw: GatewayProc, plain: list[str]) -
     text = httpx.get(gw.url + "/metrics", timeout=10).text
     assert 'mlxgw_spec_tokens_total{kind="proposed",model="ng"}' in text
     assert 'mlxgw_spec_tokens_total{kind="accepted",model="dr"}' in text
+
+
+def test_a_sampled_request_speculates_through_the_gateway(gw: GatewayProc) -> None:
+    from tests.conftest import wait_for
+
+    def accepted() -> int:
+        return {m["name"]: m for m in gw.ps()}.get("dr", {}).get("speculative", {}).get(
+            "accepted", 0)
+
+    before = accepted()
+    r = httpx.post(gw.url + "/v1/completions", timeout=120, json={
+        "model": "dr", "prompt": PROMPTS[0], "temperature": 0.7, "top_p": 0.9,
+        "max_tokens": NEW_TOKENS, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == NEW_TOKENS
+    # The model drafting for itself: a sampled row keeps nearly every proposal (p/q = 1).
+    wait_for(lambda: accepted() > before, 10, "sampled tokens accepted in /api/ps")
 
 
 def test_a_draft_with_another_tokenizer_is_refused(gw: GatewayProc) -> None:
