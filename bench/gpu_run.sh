@@ -18,6 +18,7 @@
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
 #   contexts   bench.gpu_contexts: decode steps with 0-2 idle processes holding the GPU
 #   nospare    python3 -m bench, gateway vs gateway-nospare vs in-process, 1 16 64 streams
+#   turnover   bench.turnover: what admitting a request costs between steps, 64 and 128 streams
 # Each step's console output goes to STEP.log, its results to STEP/ (results.json, summary.md,
 # the gateway's log with the worker's step lines), all in $OUT/gpu-results.tgz (the device
 # returns at most 8 files), refreshed after every step; each summary is printed too.
@@ -119,6 +120,11 @@ run() {
         nospare)
             bench_run nospare --model-dir /root/m1b --targets gateway gateway-nospare in-process \
                 --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
+        turnover)
+            for n in 64 128; do
+                timeout "${STEP_TIMEOUT:-400}" python3 -m bench.turnover /root/m1b --streams $n \
+                    --tokens 32 --waves 6 --logit-bias 2>&1 | tee -a "$out/turnover.log" || true
+            done ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
         esac
     done
