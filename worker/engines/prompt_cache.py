@@ -24,6 +24,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import (
     LRUPromptCache,
     PromptTrie,
+    PromptTrieResult,
     can_trim_prompt_cache,
     trim_prompt_cache,
 )
@@ -54,7 +55,44 @@ def default_max_bytes(weight_bytes: int, memory_limit_bytes: int | None) -> int:
     return budget
 
 
-class _EvictionTrie(PromptTrie):
+class FastTrie(PromptTrie):
+    """mlx-lm's PromptTrie with a search that costs the prompt's length, not the cache's size.
+
+    mlx-lm's `search` finds the shortest entry extending the matched prefix by a depth-first
+    walk of everything below it, copying the path list at every node: with the prompts of
+    many conversations under one shared opening, that is the whole trie, quadratic in entry
+    length (1.4-2.7 ms per search on an H200's host at 64-128 cached entries; a lookup
+    searched twice, and the worker loop stalled 10-70 ms per step while a wave of requests
+    was admitted, issue 20). Any entry below the matched node shares the same common prefix,
+    so this one descends to the nearest value along a single path instead."""
+
+    def search(self, model: Any, tokens: list[int]) -> PromptTrieResult:
+        if model not in self._trie:
+            return PromptTrieResult(model, None, None, None, 0)
+        current = self._trie[model]
+        if not tokens and "__value__" in current:
+            return PromptTrieResult(model, [], None, None, 0)
+        last_index, index = -1, 0
+        while index < len(tokens) and tokens[index] in current:
+            current = current[tokens[index]]
+            if "__value__" in current:
+                last_index = index
+            index += 1
+        if last_index == len(tokens) - 1 >= 0:
+            return PromptTrieResult(model, tokens, None, None, 0)
+        shorter = tokens[: last_index + 1] if last_index > 0 else None
+        longer = None
+        if index > 0:
+            extra: list[int] = []
+            while "__value__" not in current:  # every node leads to a value (pop prunes)
+                tok = next(iter(current))
+                extra.append(tok)
+                current = current[tok]
+            longer = tokens[:index] + extra
+        return PromptTrieResult(model, None, shorter, longer, index)
+
+
+class _EvictionTrie(FastTrie):
     """LRUPromptCache's trie, keeping what the LRU evicts (`pop` is its eviction: redundant
     prefixes leave through `pop_prefixes`) until the disk tier has written it."""
 
@@ -74,8 +112,11 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
         self.disk = None
+        ours = isinstance(getattr(self._lru, "_trie", None), PromptTrie)
+        if ours:  # still empty: ours searches in the prompt's length (FastTrie)
+            self._lru._trie = FastTrie()
         if disk is not None and max_bytes > 0:
-            if isinstance(getattr(self._lru, "_trie", None), PromptTrie):
+            if ours:
                 self._evictions = self._lru._trie = _EvictionTrie()
                 self.disk = disk
             else:  # another mlx-lm's internals: serve from memory only
