@@ -47,6 +47,7 @@ from mlx_gw.gateway.routes import (
     openapi,
     response_store,
     responses,
+    train,
 )
 from mlx_gw.gateway.state import KEYS, SUPERVISOR
 from mlx_gw.gateway.supervision.blas import fast_blas_env, warn_if_none
@@ -171,6 +172,7 @@ def build_app(config: Config) -> web.Application:
         await app[SUPERVISOR].shutdown()
 
     app.cleanup_ctx.append(supervisor_ctx)
+    train.install(app)  # after the supervisor's: its jobs end before the workers stop
     return app
 
 
@@ -252,6 +254,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, app[SUPERVISOR])
     await stop.wait()
+    await app[train.TRAININGS].close()  # a training job is cancelled, not waited for
     log.info("shutting down: draining in-flight requests (up to %.0fs)", DRAIN_TIMEOUT_S)
     await app[SUPERVISOR].drain(DRAIN_TIMEOUT_S)
     await runner.cleanup()

@@ -93,6 +93,7 @@ _ENGINES = {
     "stt": ("mlx_gw.worker.engines.stt", "STTEngine"),
     "tts": ("mlx_gw.worker.engines.tts", "TTSEngine"),
     "vlm": ("mlx_gw.worker.engines.vlm", "VLMEngine"),
+    "train": ("mlx_gw.worker.engines.trainer", "TrainerEngine"),  # a fine-tuning job's worker
 }
 _EXTRAS = {
     "embedding": ("mlx_embeddings", "embeddings"),

@@ -151,10 +151,42 @@ class RemoveAdapter(_Msg, tag="rmad"):
     name: str
 
 
+class Train(_Msg, tag="train"):
+    """Fine-tune the loaded base (a worker loaded with type "train") with mlx-lm's LoRA
+    trainer on `data_dir`'s train.jsonl (and valid.jsonl, if there), writing the adapter to
+    `adapter_dir`. Answered by `TrainEvent`s, the last `final`, or an Error."""
+
+    rid: int
+    data_dir: str
+    adapter_dir: str
+    iters: int
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.0
+    num_layers: int = 0  # the last N blocks get LoRA layers; 0: mlx-lm's 16 (or all); -1: all
+    max_seq_length: int = 2048
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    mask_prompt: bool = False
+    seed: int = 0
+
+
+class Fuse(_Msg, tag="fuse"):
+    """Merge the LoRA adapter in `adapter_dir` into the loaded base (type "train") and save
+    the whole model to `output_dir`. Answered by one final `TrainEvent` ("fused")."""
+
+    rid: int
+    adapter_dir: str
+    output_dir: str
+
+
 ToWorker = (Load | Generate | Cancel | TrimCache | Shutdown | Embed | Transcribe | Speak
-            | AddAdapter | RemoveAdapter)
+            | AddAdapter | RemoveAdapter | Train | Fuse)
 # Messages that start a request (each carries a fresh `rid`).
-REQUESTS = (Generate, Embed, Transcribe, Speak)
+REQUESTS = (Generate, Embed, Transcribe, Speak, Train, Fuse)
 
 # ---------------------------------------------------------------- worker -> gateway
 
@@ -282,10 +314,30 @@ class AdapterDone(_Msg, tag="addone"):
     adapters: list[str] = []
 
 
+class TrainEvent(_Msg, tag="trev"):
+    """A training job's progress: `kind` is "training" (set up: sizes in `detail`), "progress"
+    (one report: mean loss since the last, throughput), "val" (validation loss), "saving",
+    then the `final` one, "saved" (or "fused" for a Fuse), with the directory in `path`."""
+
+    rid: int
+    kind: str
+    iteration: int = 0
+    loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    iterations_per_second: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    peak_memory_bytes: int = 0
+    path: str = ""
+    detail: dict[str, Any] = {}
+    final: bool = False
+
+
 FromWorker = (Hello | Warming | Ready | Outputs | Error | Heartbeat | Pulse | Embeddings
-              | Transcription | AudioChunk | AdapterDone)
+              | Transcription | AudioChunk | AdapterDone | TrainEvent)
 # One-shot or chunked answers to a request, other than text `Outputs` (routed by `rid`).
-RESULTS = (Embeddings, Transcription, AudioChunk, AdapterDone)
+RESULTS = (Embeddings, Transcription, AudioChunk, AdapterDone, TrainEvent)
 
 # Error codes a worker may send, each mapped to one HTTP status by the gateway.
 ERROR_CODES = {

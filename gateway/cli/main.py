@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from mlx_gw.gateway.cli import admin as cli_admin
+from mlx_gw.gateway.cli import train as cli_train
 from mlx_gw.gateway.cli.client import api, log_file, read_state, state_dir_problem, state_file
 
 EXIT_CONFIG = 2
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("name")
     s.set_defaults(func=cmd_unload)
     cli_admin.add_commands(sub)
+    cli_train.add_commands(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

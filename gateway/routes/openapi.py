@@ -20,6 +20,7 @@ from mlx_gw.gateway.routes.admin import ModelRequest, PinRequest
 from mlx_gw.gateway.routes.audio import FORMATS, SpeechRequest
 from mlx_gw.gateway.routes.embeddings import EmbeddingRequest, RerankRequest
 from mlx_gw.gateway.routes.models import PullRequest
+from mlx_gw.gateway.supervision.training_data import FuseRequest, TrainRequest
 from mlx_gw.gateway.translate.anthropic import CountRequest, MessagesRequest
 from mlx_gw.gateway.translate.audio_codec import CONTENT_TYPES
 from mlx_gw.gateway.translate.ollama import (
@@ -96,6 +97,10 @@ _EMBEDDINGS = {"type": "object", "required": ["object", "data", "model"], "prope
 _RERANK = _list_of("results", {"type": "object", "required": ["index", "relevance_score"],
                                "properties": {"index": _INT,
                                               "relevance_score": {"type": "number"}}})
+_JOB = {"type": "object", "required": ["id", "status", "iteration", "iters"], "properties": {
+    "id": _STR, "status": {"enum": ["queued", "running", "completed", "failed", "cancelled"]},
+    "phase": _STR, "iteration": _INT, "iters": _INT}}
+_FLAG = {"enum": ["0", "1", "true", "false", "yes"]}
 _CHAT_STREAMED = (JSON, SSE)
 _OLLAMA_STREAMED = (JSON, NDJSON)
 _AUDIO = tuple(sorted(set(CONTENT_TYPES.values())))
@@ -192,6 +197,20 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/api/adapters"): Op("Add a LoRA adapter to a base model's worker", "admin",
                                   AdapterRequest, ok=_OBJ),
     ("DELETE", "/api/adapters/{name}"): Op("Remove a runtime LoRA adapter", "admin", ok=_OBJ),
+    # Fine-tuning (routes/train.py)
+    ("POST", "/api/train"): Op("Start a LoRA fine-tuning job (answers the queued job)",
+                               "admin", TrainRequest, ok=_JOB),
+    ("GET", "/api/train"): Op("Fine-tuning jobs", "admin", ok=_list_of("jobs", _JOB)),
+    ("GET", "/api/train/{id}"): Op("A fine-tuning job (SSE of its events with follow=1)",
+                                   "admin", query=(("follow", _FLAG, False),
+                                                   ("stream", _FLAG, False),
+                                                   ("after", _INT, False)),
+                                   ok=_JOB, ok_types=(JSON, SSE)),
+    ("GET", "/api/train/{id}/events"): Op("A fine-tuning job's events (SSE)", "admin",
+                                          query=(("after", _INT, False),), ok_types=(SSE,)),
+    ("DELETE", "/api/train/{id}"): Op("Cancel a fine-tuning job", "admin", ok=_JOB),
+    ("POST", "/api/fuse"): Op("Merge a LoRA adapter into its base as a new model directory",
+                              "admin", FuseRequest, ok=_OBJ),
 }
 
 

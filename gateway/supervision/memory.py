@@ -85,4 +85,26 @@ def estimate_bytes(model: ModelConfig, baseline_bytes: int) -> int:
     target = _BITS.get(model.dtype)
     if src and target and target > src:
         weights = int(weights * target / src)
+    if model.type == "train":  # a fine-tuning job's worker (supervision/training.py)
+        return weights + baseline_bytes + training_bytes(p, model.max_batch,
+                                                         model.context_length or 1)
     return weights + baseline_bytes + _kv_bytes(p, target or src or 16)
+
+
+def training_bytes(p: Path, batch: int, tokens: int) -> int:
+    """What backpropagation keeps beyond the weights, for `batch` sequences of `tokens`:
+    each layer's activations (f32, about 12 hidden-sized and 3 MLP-sized tensors a token,
+    plus the attention scores) and the logits with their softmax and gradient. LoRA's own
+    weights and Adam's moments are a few MiB and are left out; measured memory governs once
+    the job runs."""
+    try:
+        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else {}
+    except (OSError, ValueError):
+        cfg = {}
+    layers = cfg.get("num_hidden_layers") or 24
+    hidden = cfg.get("hidden_size") or 1024
+    mlp = cfg.get("intermediate_size") or 4 * hidden
+    heads = cfg.get("num_attention_heads") or 16
+    vocab = cfg.get("vocab_size") or 32000
+    per_layer = batch * tokens * (12 * hidden + 3 * mlp) + 2 * batch * heads * tokens * tokens
+    return 4 * (layers * per_layer + 3 * batch * tokens * vocab)

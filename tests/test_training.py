@@ -1,0 +1,246 @@
+"""Fine-tuning jobs (issue 17, part 3): mlx-lm's LoRA trainer in a worker the supervisor owns.
+
+One gateway serves the tiny llama. A job of a few iterations on a handful of rows lowers its
+loss (train and validation), shows in /api/ps while it runs, and leaves an adapter that the
+base's running worker (same pid) serves at once, answering differently from the base.
+`POST /api/fuse` writes a model dir that the gateway then loads (after a reload) and whose
+greedy output equals base+adapter. A cancelled job's worker is gone and its files deleted; a
+killed trainer fails its job. Bad requests get OpenAI-shaped 400/404/409/503 errors, and the
+CLI trains with a line per report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import GatewayProc, assert_gone, serving, wait_for
+
+ROW = {"messages": [{"role": "user", "content": "Where is the town?"},
+                    {"role": "assistant", "content": "By the sea, where the boats go out."}]}
+ROWS = [ROW] * 4
+ASK = [{"role": "user", "content": "Where is the town?"}]
+FAST = {"batch_size": 2, "learning_rate": 2e-3, "rank": 4, "num_layers": -1,
+        "steps_per_report": 1}
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    config = {"gateway": {"port": 0},
+              "models": {"tiny-0": {"type": "llm", "path": str(tiny_dir / "tiny-0")},
+                         "embedder": {"type": "embedding", "path": str(tiny_dir / "tiny-1")}}}
+    yield from serving(config, tmp_path_factory.mktemp("train-gw"))
+
+
+def _post(gw: GatewayProc, path: str, body: Any) -> httpx.Response:
+    return httpx.post(gw.url + path, json=body, timeout=120)
+
+
+def _events(gw: GatewayProc, job_id: str) -> Iterator[dict[str, Any]]:
+    with httpx.stream("GET", f"{gw.url}/api/train/{job_id}/events", timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                yield json.loads(line[5:])
+
+
+def _answer(gw: GatewayProc, model: str) -> str:
+    r = _post(gw, "/v1/chat/completions", {"model": model, "messages": ASK, "max_tokens": 12,
+                                           "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def _pid(gw: GatewayProc, name: str) -> int | None:
+    return next((m["pid"] for m in gw.ps() if m["name"] == name), None)
+
+
+@pytest.fixture(scope="module")
+def trained(gw: GatewayProc) -> dict[str, Any]:
+    """One job run to the end (the base loaded first), with what was seen while it ran."""
+    base_text, base_pid = _answer(gw, "tiny-0"), _pid(gw, "tiny-0")
+    r = _post(gw, "/api/train", {"base": "tiny-0", "data": ROWS, "valid": ROWS[:2],
+                                 "adapter_name": "town", "iters": 30, **FAST})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["id"].startswith("train-")
+    seen: dict[str, Any] = {"events": [], "ps": None}
+    for e in _events(gw, job["id"]):
+        seen["events"].append(e)
+        if e["type"] == "training":  # the worker has loaded the base and set LoRA up
+            seen["ps"] = [m for m in gw.ps() if m["name"] == job["id"]]
+    final = httpx.get(f"{gw.url}/api/train/{job['id']}", timeout=10).json()
+    return {"job": final, "base_text": base_text, "base_pid": base_pid, **seen}
+
+
+def test_a_job_lowers_its_loss(trained: dict[str, Any]) -> None:
+    events, job = trained["events"], trained["job"]
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["queued", "loading", "training"], kinds
+    assert kinds[-2:] == ["saving", "done"], kinds
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["iteration"] for e in progress] == list(range(1, 31))
+    assert all(e["tokens_per_second"] > 0 and e["iterations_per_second"] > 0 for e in progress)
+    assert progress[-1]["loss"] < 0.5 * progress[0]["loss"], (progress[0], progress[-1])
+    vals = [e["val_loss"] for e in events if e["type"] == "val"]
+    assert len(vals) == 2 and vals[1] < 0.5 * vals[0], vals  # before and after training
+    assert job["status"] == "completed" and job["iteration"] == 30
+    assert job["first_loss"] == progress[0]["loss"] and job["loss"] == progress[-1]["loss"]
+
+
+def test_the_job_shows_in_ps_while_it_runs(gw: GatewayProc, trained: dict[str, Any]) -> None:
+    (entry,) = trained["ps"]
+    assert entry["type"] == "train" and entry["memory_bytes"] > 0 and entry["pid"]
+    assert trained["job"]["estimate_bytes"] > 0
+    assert not [m for m in gw.ps() if m["name"] == trained["job"]["id"]]
+    assert_gone({entry["pid"]})  # the trainer ended with its job
+
+
+def test_the_adapter_is_served_by_the_base_worker(gw: GatewayProc,
+                                                  trained: dict[str, Any]) -> None:
+    tuned = _answer(gw, "town")
+    assert tuned != trained["base_text"]
+    assert _answer(gw, "tiny-0:town") == tuned
+    assert _answer(gw, "tiny-0") == trained["base_text"]  # the base is unchanged
+    assert _pid(gw, "tiny-0") == trained["base_pid"]  # added to the running worker
+    files = Path(trained["job"]["adapter_path"])
+    assert files == gw.home / "adapters" / "town"
+    assert {"adapters.safetensors", "adapter_config.json"} <= {f.name for f in files.iterdir()}
+    assert not list((gw.home / "adapters").glob(".*partial*"))
+    rows = httpx.get(gw.url + "/api/adapters", timeout=10).json()["adapters"]
+    assert {"name": "town", "base": "tiny-0", "path": str(files), "runtime": True} in rows
+
+
+def test_fuse_writes_a_model_that_answers_as_base_plus_adapter(
+        gw: GatewayProc, trained: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "fused"
+    r = _post(gw, "/api/fuse", {"adapter": "town", "output": str(out)})
+    assert r.status_code == 200, r.text
+    assert r.json()["fused_layers"] > 0 and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".*partial*"))
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["models"]["town-fused"] = r.json()["models_yaml"]
+    gw.config_path.write_text(yaml.safe_dump(config))
+    os.kill(gw.pid, signal.SIGHUP)
+    wait_for(lambda: any(m["id"] == "town-fused" for m in httpx.get(
+        gw.url + "/v1/models", timeout=10).json()["data"]), 20, "the fused model to be served")
+    assert _answer(gw, "town-fused") == _answer(gw, "town")
+    assert _post(gw, "/api/fuse", {"adapter": "town", "output": str(out)}).status_code == 409
+
+
+def test_cancel_ends_the_trainer_and_deletes_its_files(gw: GatewayProc) -> None:
+    rows = [{"text": "The quick brown fox jumps over the lazy dog."}] * 4
+    job = _post(gw, "/api/train", {"base": "tiny-0", "data": rows, "adapter_name": "fox",
+                                   "iters": 1_000_000, **FAST}).json()
+    for e in _events(gw, job["id"]):
+        if e["type"] == "progress":
+            break
+    pid = httpx.get(f"{gw.url}/api/train/{job['id']}", timeout=10).json()["pid"]
+    assert pid and psutil.pid_exists(pid)
+    r = httpx.delete(f"{gw.url}/api/train/{job['id']}", timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert_gone({pid})
+    assert [e["type"] for e in _events(gw, job["id"])][-1] == "cancelled"
+    assert not (gw.home / "adapters" / "fox").exists()
+    assert not list((gw.home / "adapters").glob(".fox*"))
+    assert httpx.delete(f"{gw.url}/api/train/{job['id']}", timeout=10).status_code == 409
+    assert "fox" not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
+
+
+def test_a_crashed_trainer_fails_its_job(gw: GatewayProc) -> None:
+    job = _post(gw, "/api/train", {"base": "tiny-0", "data": ROWS, "adapter_name": "crash",
+                                   "iters": 1_000_000, **FAST}).json()
+    events = _events(gw, job["id"])
+    for e in events:
+        if e["type"] == "progress":
+            break
+    pid = httpx.get(f"{gw.url}/api/train/{job['id']}", timeout=10).json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    last = [e for e in events][-1]
+    assert last["type"] == "failed" and "SIGKILL" in last["error"]["message"], last
+    got = httpx.get(f"{gw.url}/api/train/{job['id']}", timeout=10).json()
+    assert got["status"] == "failed" and got["error"]["type"], got
+    assert not list((gw.home / "adapters").glob(".crash*"))
+
+
+LONG = {"text": "x" * 1500}
+BAD: list[tuple[dict[str, Any], int, str]] = [
+    ({"base": "nope", "data": ROWS, "adapter_name": "a"}, 404, "base"),
+    ({"base": "embedder", "data": ROWS, "adapter_name": "a"}, 400, "llm"),
+    ({"base": "tiny-0", "data": "/no/such/file.jsonl", "adapter_name": "a"}, 400, "exist"),
+    ({"base": "tiny-0", "data": "rel.jsonl", "adapter_name": "a"}, 400, "absolute"),
+    ({"base": "tiny-0", "data": [ROW, {"foo": 1}], "adapter_name": "a"}, 400, "row 2"),
+    ({"base": "tiny-0", "data": [ROW, {"text": "t"}], "adapter_name": "a",
+      "batch_size": 2}, 400, "format"),
+    ({"base": "tiny-0", "data": [ROW, 3], "adapter_name": "a"}, 400, "data[1]"),
+    ({"base": "tiny-0", "data": [{"messages": "hi"}], "adapter_name": "a",
+      "batch_size": 1}, 400, "messages"),
+    ({"base": "tiny-0", "data": ROWS[:1], "adapter_name": "a"}, 400, "batch_size"),
+    ({"base": "tiny-0", "data": [{"text": "t"}], "adapter_name": "a", "batch_size": 1,
+      "mask_prompt": True}, 400, "mask_prompt"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "tiny-0"}, 409, "already"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "../up"}, 400, "adapter_name"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "a", "iters": 0}, 400, "iters"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "a", "num_layers": 3}, 400, "layers"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "a", "batch_size": -1}, 400, "batch"),
+    ({"base": "tiny-0", "data": ROWS, "adapter_name": "a", "epochs": 3}, 400, "epochs"),
+    ({"base": "tiny-0", "data": [LONG] * 512, "adapter_name": "a", "batch_size": 512},
+     503, "memory_limit"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD)
+def test_bad_requests_are_refused(gw: GatewayProc, body: dict[str, Any], status: int,
+                                  words: str) -> None:
+    r = _post(gw, "/api/train", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] + str(err.get("param")) and err["type"], err
+
+
+def test_bad_files_jobs_and_fuses(gw: GatewayProc, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROW) + "\n{not json\n")
+    r = _post(gw, "/api/train", {"base": "tiny-0", "data": str(bad), "adapter_name": "a",
+                                 "batch_size": 1})
+    assert r.status_code == 400 and "line 2" in r.json()["error"]["message"], r.text
+    assert httpx.get(gw.url + "/api/train/train-nope", timeout=10).status_code == 404
+    assert httpx.delete(gw.url + "/api/train/train-nope", timeout=10).status_code == 404
+    assert httpx.get(gw.url + "/api/train/train-nope/events", timeout=10).status_code == 404
+    for body, status in (({"adapter": "nope", "output": str(tmp_path / "o")}, 404),
+                         ({"adapter": str(tmp_path), "output": str(tmp_path / "o"),
+                           "base": "tiny-0"}, 400),
+                         ({"adapter": "town", "output": "rel/out"}, 400)):
+        r = _post(gw, "/api/fuse", body)
+        assert r.status_code == status and r.json()["error"]["message"], (body, r.text)
+
+
+def test_the_cli_trains_with_a_line_per_report(gw: GatewayProc, tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Where is the town?",
+                                        "completion": "By the sea."}) + "\n" for _ in range(4)))
+    env = {**os.environ, "MLX_GW_HOME": str(gw.home)}
+    cli = [sys.executable, "-m", "mlx_gw.gateway.cli"]
+    out = subprocess.run([*cli, "train", "--base", "tiny-0", "--data", str(data),
+                          "--adapter-name", "cli-town", "--iters", "4", "--batch-size", "2",
+                          "--steps-per-report", "1", "--learning-rate", "1e-3"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    reports = [line for line in out.stdout.splitlines() if "tok/s" in line]
+    assert len(reports) == 4 and reports[-1].lstrip("[#").startswith("] 4/4"), out.stdout
+    assert "done: adapter 'cli-town' is served" in out.stdout
+    listing = subprocess.run([*cli, "adapters"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert "cli-town" in listing.stdout and "tiny-0" in listing.stdout, listing.stdout
