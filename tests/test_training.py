@@ -244,3 +244,49 @@ def test_the_cli_trains_with_a_line_per_report(gw: GatewayProc, tmp_path: Path) 
     listing = subprocess.run([*cli, "adapters"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert "cli-town" in listing.stdout and "tiny-0" in listing.stdout, listing.stdout
+
+
+def test_jobs_wait_evict_or_are_refused_under_the_ceiling_and_end_with_the_gateway(
+        start_gateway, tiny_dir: Path) -> None:
+    """memory_limit fits one tiny worker (~90 MiB measured here), not two: a job evicts the
+    idle base like any load; with the base busy it waits queue_timeout, then fails with the
+    load's 503 error. A running job ends with its gateway (SIGTERM), and a restarted gateway
+    serves the adapter it trained."""
+    config = {"gateway": {"port": 0, "memory_limit": 150 * 2**20, "queue_timeout": 2},
+              "models": {"m": {"type": "llm", "path": str(tiny_dir / "tiny-long")}}}
+    gw = start_gateway(config)
+    assert _post(gw, "/api/load", {"model": "m"}).status_code == 200
+    body = {"base": "m", "data": ROWS, "iters": 3, **FAST}
+    job = _post(gw, "/api/train", {**body, "adapter_name": "ev"}).json()
+    assert [e["type"] for e in _events(gw, job["id"])][-1] == "done"
+    evicted = [e for e in httpx.get(gw.url + "/api/events").json()["events"]
+               if e["type"] == "evict"]
+    assert evicted and evicted[0]["model"] == "m" and evicted[0]["for_model"] == job["id"]
+    tuned = _answer(gw, "ev")  # the base loads again, with the adapter
+
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60, json={
+            "model": "m", "messages": ASK, "max_tokens": 16000, "ignore_eos": True,
+            "stream": True}) as busy:
+        lines = busy.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # the base is decoding: nothing idle to evict
+        job = _post(gw, "/api/train", {**body, "adapter_name": "late"}).json()
+        last = [e for e in _events(gw, job["id"])][-1]
+        assert next(lines) is not None  # still decoding
+    assert last["type"] == "failed" and last["error"]["code"] == "no_capacity", last
+    assert "No room" in last["error"]["message"]
+
+    job = _post(gw, "/api/train", {**body, "adapter_name": "long", "iters": 1_000_000}).json()
+    next(e for e in _events(gw, job["id"]) if e["type"] == "progress")
+    pid = httpx.get(f"{gw.url}/api/train/{job['id']}", timeout=10).json()["pid"]
+    gw.workers()
+    assert gw.stop(timeout=20) == 0
+    assert_gone({pid})
+    assert not list((gw.home / "adapters").glob(".long*"))
+
+    again = GatewayProc(config, gw.workdir)
+    try:
+        assert _answer(again, "ev") == tuned  # restored from state_dir/adapters
+    finally:
+        again.workers()
+        again.stop()
+        assert_gone(again.seen_workers)
