@@ -33,7 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                 ("--max-seq-length", int, 2048),
                                 ("--steps-per-report", int, 10),
                                 ("--steps-per-eval", int, 200), ("--seed", int, 0)):
-        s.add_argument(flag, type=kind, default=default, help=f"default {default}")
+        s.add_argument(flag, type=kind, default=default,
+                       help=f"default {default if default is not None else 'the last 16'}")
     s.add_argument("--mask-prompt", action="store_true", help="train on completions only")
     s.add_argument("--json", action="store_true", help="print the events as JSON lines")
     s.set_defaults(func=cmd_train)

@@ -118,6 +118,7 @@ class Trainings:
         if spec.valid is not None:
             valid = await self._rows(spec.valid, "valid")
             longest = max(longest, td.check_rows(valid, "valid", **opts))
+        self._check_name(spec.adapter_name)  # again: another job may have taken it meanwhile
         job_id = f"train-{secrets.token_hex(4)}"
         model = job_model(job_id, base, spec.batch_size,
                           td.sequence_bound(longest, spec.max_seq_length))
