@@ -181,6 +181,7 @@ BAD: list[tuple[dict[str, Any], int, str]] = [
     ({"base": "embedder", "data": ROWS, "adapter_name": "a"}, 400, "llm"),
     ({"base": "tiny-0", "data": "/no/such/file.jsonl", "adapter_name": "a"}, 400, "exist"),
     ({"base": "tiny-0", "data": "rel.jsonl", "adapter_name": "a"}, 400, "absolute"),
+    ({"base": "tiny-0", "data": "/tmp/a\u0000b", "adapter_name": "a"}, 400, "usable"),
     ({"base": "tiny-0", "data": [ROW, {"foo": 1}], "adapter_name": "a"}, 400, "row 2"),
     ({"base": "tiny-0", "data": [ROW, {"text": "t"}], "adapter_name": "a",
       "batch_size": 2}, 400, "format"),
@@ -222,7 +223,8 @@ def test_bad_files_jobs_and_fuses(gw: GatewayProc, tmp_path: Path) -> None:
     for body, status in (({"adapter": "nope", "output": str(tmp_path / "o")}, 404),
                          ({"adapter": str(tmp_path), "output": str(tmp_path / "o"),
                            "base": "tiny-0"}, 400),
-                         ({"adapter": "town", "output": "rel/out"}, 400)):
+                         ({"adapter": "town", "output": "rel/out"}, 400),
+                         ({"adapter": "town", "output": "/tmp/o\u0000"}, 400)):
         r = _post(gw, "/api/fuse", body)
         assert r.status_code == status and r.json()["error"]["message"], (body, r.text)
 

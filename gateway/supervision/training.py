@@ -239,6 +239,9 @@ class Trainings:
                 raise BadRequest(f"adapter '{spec.adapter}' belongs to '{row['base']}', not "
                                  f"'{spec.base}'", param="base")
             base_name, adapter_dir = str(row["base"]), str(row["path"])
+        elif not (td.usable_path(spec.adapter) and td.usable_path(spec.output)):
+            raise BadRequest("adapter and output must be usable paths (no NUL byte, not too "
+                             "long)", param="adapter")
         elif Path(spec.adapter).is_absolute():
             if not all((Path(spec.adapter) / f).is_file() for f in ADAPTER_FILES):
                 raise BadRequest(f"{spec.adapter} is not an adapter directory (it needs "
@@ -250,6 +253,8 @@ class Trainings:
             raise NotFound(f"no adapter '{spec.adapter}'", param="adapter")
         base = self._base(base_name)
         out = Path(spec.output)
+        if not td.usable_path(spec.output):
+            raise BadRequest(f"output {spec.output!r} is not a usable path", param="output")
         if not out.is_absolute():
             raise BadRequest(f"output {spec.output!r} must be an absolute path", param="output")
         if out.exists():

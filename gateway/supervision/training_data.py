@@ -23,7 +23,7 @@ from mlx_gw.gateway.errors import BadRequest
 Rows = list[dict[str, Any]]
 DataSource = str | Rows
 MAX_DATA_BYTES = 1 << 30  # a JSONL file the gateway reads to check (1 GiB)
-TEMPLATE_BYTES = 64  # a chat template's markers around a row's text, bounded
+TEMPLATE_BYTES = 16  # a chat template's markers around one message (role, start, end)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a directory name
 
 
@@ -90,10 +90,21 @@ def row_format(row: Any, where: str) -> str:
                      "(completions) or {\"text\"}")
 
 
+def usable_path(path: str) -> bool:
+    """Whether `path` can be asked about at all (no NUL byte, not too long for the OS)."""
+    try:
+        Path(path).expanduser().exists()
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def read_jsonl(path: str, param: str) -> Rows:
     """The rows of JSONL file `path` on this machine (BadRequest for a missing, oversized or
     malformed file; line numbers from 1). Blocking: run it in a thread."""
     f = Path(path).expanduser()
+    if not usable_path(path):
+        raise BadRequest(f"{param} path {path!r} is not a usable path", param=param)
     if not f.is_absolute():
         raise BadRequest(f"{param} path {path!r} must be absolute (a file on the gateway's "
                          "machine), or send the rows themselves", param=param)
@@ -120,6 +131,22 @@ def read_jsonl(path: str, param: str) -> Rows:
     return rows
 
 
+def row_bytes(row: dict[str, Any]) -> int:
+    """A bound on the row's tokens: the UTF-8 bytes of its strings, plus TEMPLATE_BYTES for
+    each message (the chat template's markers around it)."""
+    def size(v: Any) -> int:
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        if isinstance(v, list):
+            return sum(size(x) for x in v)
+        return 8
+    messages = row.get("messages")
+    turns = len(messages) if isinstance(messages, list) else 2
+    return size(row) + TEMPLATE_BYTES * turns
+
+
 def check_rows(rows: Rows, param: str, *, batch_size: int, mask_prompt: bool) -> int:
     """Check every row (one format throughout, enough of them for a batch); returns the
     longest row's length in UTF-8 bytes (an upper bound of its tokens, less the template)."""
@@ -135,7 +162,7 @@ def check_rows(rows: Rows, param: str, *, batch_size: int, mask_prompt: bool) ->
         if fmt != first:
             raise BadRequest(f"{param} row {i} is in {fmt} format, row 1 in {first}: one "
                              "format per file", param=param)
-        longest = max(longest, len(json.dumps(row, ensure_ascii=False).encode()))
+        longest = max(longest, row_bytes(row))
     if len(rows) < batch_size:
         raise BadRequest(f"{param} has {len(rows)} rows, fewer than batch_size ({batch_size})",
                          param=param)
@@ -144,7 +171,7 @@ def check_rows(rows: Rows, param: str, *, batch_size: int, mask_prompt: bool) ->
 
 def sequence_bound(longest_bytes: int, max_seq_length: int) -> int:
     """Tokens of the longest batch (padded as mlx-lm pads: one plus a multiple of 32)."""
-    tokens = longest_bytes + TEMPLATE_BYTES
+    tokens = longest_bytes
     return min(max_seq_length, 1 + 32 * ((tokens + 31) // 32))
 
 
