@@ -12,6 +12,7 @@ memory estimate uses.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -93,7 +94,9 @@ def row_format(row: Any, where: str) -> str:
 def usable_path(path: str) -> bool:
     """Whether `path` can be asked about at all (no NUL byte, not too long for the OS)."""
     try:
-        Path(path).expanduser().exists()
+        os.stat(Path(path).expanduser())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return True
     except (ValueError, OSError):
         return False
     return True
