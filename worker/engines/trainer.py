@@ -229,21 +229,29 @@ class TrainerEngine:
     def _fused(self, req: Fuse) -> TrainEvent:
         """The base with the adapter merged in, saved as a model dir (mlx_lm.fuse's steps)."""
         from mlx_lm.tuner.utils import load_adapters
-        from mlx_lm.utils import save
+        from mlx_lm.utils import dequantize_model, save
 
         try:
             model = load_adapters(self.model, req.adapter_dir)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise AdmissionError("invalid_request",
                                  f"adapter {req.adapter_dir}: {type(e).__name__}: {e}") from None
-        fused = [(n, m.fuse(dequantize=False)) for n, m in model.named_modules()
+        # Quantized weights whose config says nothing of it (a GGUF base) would save a dir
+        # nothing can load: those are written dequantized, as `mlx_lm.fuse --dequantize`.
+        config = dict(self.config)
+        dequantize = "quantization" not in config and any(
+            isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+            for _, m in model.named_modules())
+        fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules()
                  if hasattr(m, "fuse")]
         if fused:
             model.update_modules(tree_unflatten(fused))
-        save(req.output_dir, self.path, model, self.tokenizer, dict(self.config),
-             donate_model=False)
+        if dequantize:
+            model = dequantize_model(model)
+        save(req.output_dir, self.path, model, self.tokenizer, config, donate_model=False)
         return TrainEvent(rid=req.rid, kind="fused", path=req.output_dir,
-                          detail={"fused_layers": len(fused)}, final=True)
+                          detail={"fused_layers": len(fused), "dequantized": dequantize},
+                          final=True)
 
     def cancel(self, rid: int) -> None:
         if self._job is not None and self._job.rid == rid:
