@@ -5,7 +5,9 @@ loss (train and validation), shows in /api/ps while it runs, and leaves an adapt
 base's running worker (same pid) serves at once, answering differently from the base.
 `POST /api/fuse` writes a model dir that the gateway then loads (after a reload) and whose
 greedy output equals base+adapter. A cancelled job's worker is gone and its files deleted; a
-killed trainer fails its job. Bad requests get OpenAI-shaped 400/404/409/503 errors, and the
+killed trainer fails its job. Under a small memory_limit a job evicts the idle base, or waits
+and is refused while it is busy; it ends with its gateway, and a restarted gateway serves its
+adapter. In-process, the packaged SmolLM2 GGUF trains (QLoRA) and fuses. Bad requests get OpenAI-shaped 400/404/409/503 errors, and the
 CLI trains with a line per report.
 """
 
