@@ -63,7 +63,8 @@ EVENT_HUB: web.AppKey[EventHub] = web.AppKey("event_hub", EventHub)
 routes = web.RouteTableDef()
 
 
-def _after(request: web.Request) -> int:
+def after_id(request: web.Request) -> int:
+    """The event id a client resumes after (Last-Event-ID or ?after=), 0 for all."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     try:
         return int(raw)
@@ -79,7 +80,7 @@ def _sse(event: Event) -> bytes:
 @routes.get("/api/events")
 async def events(request: web.Request) -> web.StreamResponse:
     sup = request.app[SUPERVISOR]
-    after = _after(request)
+    after = after_id(request)
     if request.query.get("follow", "").lower() not in ("1", "true", "yes"):
         return web.json_response({"events": [e for e in sup.events if e["id"] > after]},
                                  dumps=lambda o: json.dumps(o, default=str))

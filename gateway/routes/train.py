@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlx_gw.gateway.errors import BadRequest
+from mlx_gw.gateway.routes.events import after_id
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.supervision.training import Trainings
@@ -39,18 +39,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [j.public() for j in jobs]})
 
 
-def _after(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    try:
-        return int(raw)
-    except ValueError:
-        raise BadRequest(f"Invalid event id {raw!r}: expected an integer",
-                         param="after") from None
-
-
 async def _stream(request: web.Request) -> web.StreamResponse:
     trainings = request.app[TRAININGS]
-    events: AsyncIterator = trainings.follow(request.match_info["id"], _after(request))
+    events: AsyncIterator = trainings.follow(request.match_info["id"], after_id(request))
     out = EventStream(request)
     await out.comment(f"mlx-gw training job {request.match_info['id']}")
     async for e in events:
