@@ -225,6 +225,25 @@ def test_config_checks_speculative(tiny_dir: Path) -> None:
             parse(bad)
 
 
+def test_admission_counts_the_draft_models_memory(tiny_dir: Path) -> None:
+    from mlx_gw.config import parse_config
+    from mlx_gw.gateway.supervision.memory import estimate_bytes
+
+    path, draft = str(tiny_dir / "tiny-0"), str(tiny_dir / "tiny-1")
+    models = parse_config({"models": {
+        "plain": {"type": "llm", "path": path},
+        "ngram": {"type": "llm", "path": path, "speculative": {"method": "ngram"}},
+        "drafted": {"type": "llm", "path": path,
+                    "speculative": {"method": "draft", "draft_model": draft}},
+        "draft": {"type": "llm", "path": draft}}}).models
+    baseline = 200 * 2**20
+    plain = estimate_bytes(models["plain"], baseline)
+    assert estimate_bytes(models["ngram"], baseline) == plain
+    # the worker loads the draft's weights (and keeps its KV) beside the target's
+    assert estimate_bytes(models["drafted"], baseline) == \
+        plain + estimate_bytes(models["draft"], baseline) - baseline
+
+
 def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again() -> None:
     from mlx_gw.worker.engines.speculative import (
         BACKOFF_START,

@@ -80,15 +80,33 @@ def estimate_bytes(model: ModelConfig, baseline_bytes: int) -> int:
     p = _local_path(model.path)
     if p is None:
         return baseline_bytes
-    weights = _weights(p)
-    src = _source_bits(p)
-    target = _BITS.get(model.dtype)
-    if src and target and target > src:
-        weights = int(weights * target / src)
+    weights, bits = _as_loaded(p, model.dtype)
     if model.type == "train":  # a fine-tuning job's worker (supervision/training.py)
         return weights + baseline_bytes + training_bytes(p, model.max_batch,
                                                          model.context_length or 1)
-    return weights + baseline_bytes + _kv_bytes(p, target or src or 16)
+    return weights + baseline_bytes + _kv_bytes(p, bits) + _draft_bytes(model)
+
+
+def _as_loaded(p: Path, dtype: str | None) -> tuple[int, float]:
+    """The weights' bytes once loaded in `dtype` (an upcast grows them), and their bits."""
+    weights = _weights(p)
+    src = _source_bits(p)
+    target = _BITS.get(dtype) if dtype else None
+    if src and target and target > src:
+        weights = int(weights * target / src)
+    return weights, target or src or 16
+
+
+def _draft_bytes(model: ModelConfig) -> int:
+    """A speculative draft model's weights and KV: the same worker loads it beside the target."""
+    sp = model.speculative
+    if sp is None or sp.method != "draft" or not sp.draft_path:
+        return 0
+    d = _local_path(sp.draft_path)
+    if d is None:
+        return 0
+    weights, bits = _as_loaded(d, sp.draft_dtype)
+    return weights + _kv_bytes(d, bits)
 
 
 def training_bytes(p: Path, batch: int, tokens: int) -> int:
