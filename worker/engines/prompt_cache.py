@@ -84,11 +84,11 @@ class FastTrie(PromptTrie):
         longer = None
         if index > 0:
             extra: list[int] = []
-            while "__value__" not in current:  # every node leads to a value (pop prunes)
+            while "__value__" not in current and current:  # pop prunes: a value lies below
                 tok = next(iter(current))
                 extra.append(tok)
                 current = current[tok]
-            longer = tokens[:index] + extra
+            longer = tokens[:index] + extra if "__value__" in current else None
         return PromptTrieResult(model, None, shorter, longer, index)
 
 
