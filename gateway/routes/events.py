@@ -73,7 +73,8 @@ def after_id(request: web.Request) -> int:
                          param="after") from None
 
 
-def _sse(event: Event) -> bytes:
+def event_frame(event: Event) -> bytes:
+    """One event as an SSE frame, its `id` the stream's resume point."""
     return f"id: {event['id']}\ndata: {json.dumps(event, default=str)}\n\n".encode()
 
 
@@ -92,7 +93,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         await out.comment("mlx-gw events")
         last = after
         for e in backlog:
-            await out.write(_sse(e))
+            await out.write(event_frame(e))
             last = e["id"]
         while True:
             try:
@@ -103,7 +104,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             if e is _END:
                 break
             if e["id"] > last:
-                await out.write(_sse(e))
+                await out.write(event_frame(e))
                 last = e["id"]
         return await out.close()
     finally:

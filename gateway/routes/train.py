@@ -9,12 +9,11 @@ last (done, failed or cancelled). `POST /api/fuse` blocks until the merged model
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from mlx_gw.gateway.routes.events import after_id
+from mlx_gw.gateway.routes.events import after_id, event_frame
 from mlx_gw.gateway.routes.sse import EventStream
 from mlx_gw.gateway.state import SUPERVISOR
 from mlx_gw.gateway.supervision.training import Trainings
@@ -48,7 +47,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         if e is None:
             await out.comment("keepalive")
         else:
-            await out.write(f"id: {e['id']}\ndata: {json.dumps(e)}\n\n".encode())
+            await out.write(event_frame(e))
     return await out.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from mlx_gw.config import ModelConfig
 
@@ -57,11 +58,16 @@ def _source_bits(p: Path) -> float | None:
     return _BITS.get(str(cfg.get("torch_dtype", "float32")), 32)
 
 
-def _kv_bytes(p: Path, dtype_bits: float) -> int:
+def _config(p: Path) -> dict[str, Any]:
+    """The model directory's config.json, or {} (a GGUF file, a missing or broken config)."""
     try:
-        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else {}
+        return json.loads((p / "config.json").read_text()) if p.is_dir() else {}
     except (OSError, ValueError):
-        cfg = {}
+        return {}
+
+
+def _kv_bytes(p: Path, dtype_bits: float) -> int:
+    cfg = _config(p)
     layers = cfg.get("num_hidden_layers")
     heads = cfg.get("num_attention_heads")
     hidden = cfg.get("hidden_size")
@@ -115,10 +121,7 @@ def training_bytes(p: Path, batch: int, tokens: int) -> int:
     plus the attention scores) and the logits with their softmax and gradient. LoRA's own
     weights and Adam's moments are a few MiB and are left out; measured memory governs once
     the job runs."""
-    try:
-        cfg = json.loads((p / "config.json").read_text()) if p.is_dir() else {}
-    except (OSError, ValueError):
-        cfg = {}
+    cfg = _config(p)
     layers = cfg.get("num_hidden_layers") or 24
     hidden = cfg.get("hidden_size") or 1024
     mlp = cfg.get("intermediate_size") or 4 * hidden

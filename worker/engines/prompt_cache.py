@@ -112,16 +112,16 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
         self.disk = None
-        ours = isinstance(getattr(self._lru, "_trie", None), PromptTrie)
-        if ours:  # still empty: ours searches in the prompt's length (FastTrie)
-            self._lru._trie = FastTrie()
-        if disk is not None and max_bytes > 0:
-            if ours:
-                self._evictions = self._lru._trie = _EvictionTrie()
-                self.disk = disk
-            else:  # another mlx-lm's internals: serve from memory only
-                log.warning("[prompt-cache] this mlx-lm's LRUPromptCache has no trie to "
-                            "watch: the disk tier is off")
+        with_disk = disk is not None and max_bytes > 0
+        if isinstance(getattr(self._lru, "_trie", None), PromptTrie):
+            # Still empty: ours searches in the prompt's length (FastTrie), and with a disk
+            # tier also keeps what the LRU evicts.
+            self._lru._trie = _EvictionTrie() if with_disk else FastTrie()
+            if with_disk:
+                self._evictions, self.disk = self._lru._trie, disk
+        elif with_disk:  # another mlx-lm's internals: serve from memory only
+            log.warning("[prompt-cache] this mlx-lm's LRUPromptCache has no trie to "
+                        "watch: the disk tier is off")
         self.hit_tokens = 0  # prompt tokens served from the cache, since load
         self.miss_tokens = 0  # prompt tokens prefilled
         self.disk_hit_tokens = 0  # of hit_tokens, those loaded from the disk tier
