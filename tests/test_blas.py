@@ -199,3 +199,33 @@ def test_a_worker_on_the_reference_blas_is_loud(start_gateway: Any, tiny_dir: Pa
                           env={**os.environ, "MLX_GW_HOME": str(gw.home)}, capture_output=True,
                           text=True, timeout=60)
     assert "reference" in done.stdout, done.stdout + done.stderr
+
+
+def _c_library(tmp_path: Path, name: str, body: str) -> str:
+    """A real shared library built from `body` (C), for the test-load to judge."""
+    if subprocess.run(["which", "cc"], capture_output=True).returncode != 0:
+        pytest.skip("no C compiler")
+    src, lib = tmp_path / f"{name}.c", tmp_path / f"lib{name}.so"
+    src.write_text(body)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    return str(lib)
+
+
+SGEMM = "void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float al, const float *a,"\
+        " int lda, const float *b, int ldb, float be, float *c, int ldc) {"
+
+
+@linux_only
+def test_a_blas_whose_sgemm_dies_on_this_cpu_is_not_preloaded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, fast_lib: str) -> None:
+    """cmeel-openblas 0.3.31 runs AVX-512 in its small-matrix sgemm whatever the CPU: on an
+    AVX2-only AMD EPYC every worker died of SIGILL at its first matmul. The candidate check
+    multiplies matrices, so such a library is skipped (here, one whose sgemm traps)."""
+    trap = _c_library(tmp_path, "trap", SGEMM + " __builtin_trap(); }")
+    wrong = _c_library(tmp_path, "wrong", SGEMM + " c[0] = 0.0f; }")
+    with caplog.at_level("WARNING", logger="mlxgw.supervisor"):
+        assert not blas._loads(trap)
+        assert not blas._loads(wrong)
+    assert f"{trap} is not used: its sgemm was killed by SIGILL" in caplog.text
+    assert "gave 0.0, not 4" in caplog.text
+    assert blas._loads(fast_lib)  # what the search picked does compute here

@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -57,9 +58,22 @@ SYSTEM_OPENBLAS_PATHS = tuple(
 _PIP_OPENBLAS = (("cmeel-openblas", "libopenblas.so.0"),)
 
 # A broken preload (say, a missing libgfortran.so.5) stops the worker before Python starts,
-# so every discovered candidate is test-loaded in a throwaway interpreter first.
+# and a build whose kernels this CPU lacks kills it with SIGILL at its first matmul
+# (cmeel-openblas 0.3.31's small-matrix sgemm uses AVX-512 unconditionally: seen on an AMD
+# EPYC with AVX2 only). So every discovered candidate is loaded in a throwaway interpreter
+# first, and multiplies matrices of a small-kernel size and of blocked sizes.
 LOAD_CHECK_TIMEOUT_S = 30.0
-_LOAD_CHECK = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
+_LOAD_CHECK = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+for n in (4, 64, 256):
+    a = (ctypes.c_float * (n * n))(*([1.0] * (n * n)))
+    c = (ctypes.c_float * (n * n))()
+    lib.cblas_sgemm(101, 111, 111, n, n, n, one, a, n, a, n, zero, c, n)  # row-major, no trans
+    if c[0] != n or c[n * n - 1] != n:
+        sys.exit(f"cblas_sgemm of {n}x{n} ones gave {c[0]}, not {n}")
+"""
 
 
 class BlasConfigError(ValueError):
@@ -72,8 +86,9 @@ def _is_linux() -> bool:
 
 @functools.cache
 def _loads(path: str, lib_dir: str | None = None) -> bool:
-    """Whether ``path`` and its dependencies load (with ``lib_dir`` on LD_LIBRARY_PATH);
-    runs once per path per process. A failure is logged with the loader's reason."""
+    """Whether ``path`` and its dependencies load (with ``lib_dir`` on LD_LIBRARY_PATH) and
+    its ``cblas_sgemm`` computes; runs once per path per process. A failure is logged with
+    its reason."""
     env = dict(os.environ)
     if lib_dir:
         env["LD_LIBRARY_PATH"] = _prepend(lib_dir, env.get("LD_LIBRARY_PATH", ""))
@@ -91,10 +106,20 @@ def _loads(path: str, lib_dir: str | None = None) -> bool:
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("[blas] %s does not load: %s", path, e)
         return False
-    if done.returncode != 0:
+    if done.returncode < 0:
+        log.warning("[blas] %s is not used: its sgemm was killed by %s on this CPU", path,
+                    _signal_name(-done.returncode))
+    elif done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
         log.warning("[blas] %s does not load: %s", path, reason)
     return done.returncode == 0
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _prepend(entry: str, path_list: str) -> str:
