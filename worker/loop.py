@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -271,16 +272,28 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
             return False
 
 
+def _await_arrivals(engine: Engine, rx: zmq.Socket, send, name: str, steps: StepLog) -> bool:
+    """Before a step, wait (briefly, while the step already queued runs) for the requests
+    that replace the sequences the last step finished (worker/engines/arrivals.py), so they
+    join the batch together. Returns False on Shutdown."""
+    arrivals = getattr(engine, "arrivals", None)  # the LLM engine's alone
+    t0 = time.perf_counter()
+    while arrivals is not None and (wait := arrivals.remaining()) > 0:
+        if not rx.poll(max(1, math.ceil(wait * 1000))):
+            break
+        if not _drain(engine, rx, send, name):
+            return False
+    steps.spent("arrivals", t0)
+    return True
+
+
 def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
     next_hb = 0.0
     steps = StepLog(name)
     while True:
         now = time.monotonic()
         idle = not engine.busy
-        # A busy engine steps at once, unless it asks to linger for more requests to batch
-        # (the embedding engine, while a burst is still arriving).
-        timeout_ms = (getattr(engine, "linger_ms", 0) if not idle
-                      else max(0, int((next_hb - now) * 1000)))
+        timeout_ms = 0 if not idle else max(0, int((next_hb - now) * 1000))
         t_poll = time.perf_counter()
         if rx.poll(timeout_ms):
             t_drain = time.perf_counter()
@@ -297,11 +310,13 @@ def _serve(engine: Engine, rx: zmq.Socket, send, name: str) -> int:
                 while time.monotonic() < end and rx.poll(COALESCE_QUIET_MS):
                     if not _drain(engine, rx, send, name):
                         return 0
+        if engine.busy and not _await_arrivals(engine, rx, send, name, steps):
+            return 0
         if engine.busy:
             t_step = time.perf_counter()
             try:
                 deltas = engine.step()
-                steps.stepped(t_step, engine.in_flight)
+                steps.stepped(t_step, engine.in_flight, getattr(engine, "prefill_rows", 0))
             except Exception as e:  # fail what is in flight, keep serving
                 log.exception("[worker:%s] engine step failed", name)
                 for rid in engine.abort_all():

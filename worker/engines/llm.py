@@ -8,6 +8,7 @@ runs one decode step for the whole batch and returns a Delta per sequence that p
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from mlx_gw.worker.engines.adapters import (
     apply_op,
     split_rows,
 )
+from mlx_gw.worker.engines.arrivals import ArrivalWait
 from mlx_gw.worker.engines.base import AdmissionError
 from mlx_gw.worker.engines.constrained import (
     FORCED_FORMATS,
@@ -48,7 +50,7 @@ from mlx_gw.worker.engines.defaults import (
 from mlx_gw.worker.engines.prompt_cache import BASE_KEY, PromptCache, default_max_bytes
 from mlx_gw.worker.engines.prompt_disk import DiskTier, open_disk_tier
 from mlx_gw.worker.engines.quantized_kv import fresh_caches
-from mlx_gw.worker.engines.sampling import sampler_for
+from mlx_gw.worker.engines.sampling import sampler_for, token_logprob
 from mlx_gw.worker.engines.speculative import DraftPair, install, load_draft
 from mlx_gw.worker.engines.stop_text import StopText
 from mlx_gw.worker.protocol import (
@@ -58,7 +60,6 @@ from mlx_gw.worker.protocol import (
     Generate,
     Load,
     RemoveAdapter,
-    TokenLogprob,
 )
 
 log = logging.getLogger("mlxgw.worker")
@@ -146,6 +147,8 @@ class LLMEngine:
             fresh_caches(model, kv_bits, kv_group_size)  # refuses models it cannot quantize
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.arrivals = ArrivalWait()  # the loop waits on it for a finished wave's successors
+        self.prefill_rows = 0  # rows the last step prefilled (the loop's step stats)
 
     @classmethod
     def from_load(cls, load: Load) -> LLMEngine:
@@ -277,6 +280,7 @@ class LLMEngine:
         self._by_uid[uid] = seq
         self._by_rid[req.rid] = seq
         self.prompt_tokens_total += n
+        self.arrivals.arrived()
 
     def _format(self, req: Generate) -> tuple[str, list[str]]:
         """(tool-call format, thinking markers) for the parsers configured on this request."""
@@ -326,17 +330,6 @@ class LLMEngine:
         except GrammarError as e:
             raise AdmissionError("invalid_request", str(e)) from None
 
-    def _logprobs(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        entry = TokenLogprob(decode([token]), float(logprobs[token].item()))
-        if top > 0:
-            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-            vals = logprobs[ids]
-            order = mx.argsort(-vals)
-            entry.top = [(decode([i]), v) for i, v in
-                         zip(ids[order].tolist(), vals[order].tolist(), strict=True)]
-        return entry
-
     def cancel(self, rid: int) -> None:
         seq = self._by_rid.pop(rid, None)
         if seq is not None:
@@ -358,7 +351,11 @@ class LLMEngine:
         out, self._answers = self._answers, []
         if not self._by_uid:
             return out
+        t0 = time.perf_counter()
         _, responses = self._gen.next()
+        took = time.perf_counter() - t0
+        self.prefill_rows = len(self._gen._prompt_batch)
+        finished = 0
         for r in responses:
             seq = self._by_uid.get(r.uid)
             if seq is None:
@@ -368,7 +365,7 @@ class LLMEngine:
             finish = r.finish_reason
             lps = None
             if seq.top_logprobs >= 0:
-                lps = [self._logprobs(r.token, r.logprobs, seq.top_logprobs)]
+                lps = [token_logprob(self.tokenizer.decode, r.token, r.logprobs, seq.top_logprobs)]
             if seq.grammar is not None and seq.grammar.done and not finish:
                 finish = "stop"  # the grammar is complete: nothing may follow
                 self._keep(self._gen.remove([r.uid], return_prompt_caches=True), seq.key)
@@ -387,6 +384,7 @@ class LLMEngine:
             if finish:
                 del self._by_uid[r.uid]
                 del self._by_rid[seq.rid]
+                finished += 1
             if text or finish or lps or seq.completion_tokens == 1:
                 d = Delta(seq.rid, text, seq.completion_tokens, seq.prompt_tokens, finish, lps)
                 if seq.first is not None:
@@ -398,6 +396,7 @@ class LLMEngine:
                 if hit:
                     d.stop_sequence = seq.stop.matched
                 out.append(d)
+        self.arrivals.stepped(took, finished if self._by_uid else 0)
         return out
 
     def _keep(self, removed: dict[int, Any], key: str) -> None:

@@ -16,6 +16,8 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
+from mlx_gw.worker.protocol import TokenLogprob
+
 Sampler = Callable[[mx.array], mx.array]
 
 
@@ -75,3 +77,16 @@ def sampler_for(
     if seed is None:
         return _shared_sampler(temperature, top_p, top_k, min_p)
     return _seeded_sampler(temperature, top_p, top_k, min_p, seed)
+
+
+def token_logprob(decode: Callable[[list[int]], str], token: int, logprobs: mx.array,
+                  top: int) -> TokenLogprob:
+    """The chosen token's log-probability, with the `top` most likely alternatives."""
+    entry = TokenLogprob(decode([token]), float(logprobs[token].item()))
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        vals = logprobs[ids]
+        order = mx.argsort(-vals)
+        entry.top = [(decode([i]), v) for i, v in
+                     zip(ids[order].tolist(), vals[order].tolist(), strict=True)]
+    return entry
