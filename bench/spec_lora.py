@@ -110,8 +110,10 @@ def run(engine, prompts: list[str], tokens: int, adapters: list[str] | None = No
     n = 0
     t0 = time.perf_counter()
     first: float | None = None
+    chat = bool(getattr(engine.tokenizer, "chat_template", None))  # bench.make_model's: none
     for i, p in enumerate(prompts):
-        engine.submit(Generate(rid=i + 1, messages=[{"role": "user", "content": p}],
+        engine.submit(Generate(rid=i + 1, messages=[{"role": "user", "content": p}] if chat
+                               else None, prompt=None if chat else p,
                                max_tokens=tokens, temperature=temperature, ignore_eos=True,
                                adapter=adapters[i] if adapters else ""))
     while engine.busy:
@@ -128,10 +130,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--draft-layers", type=int, default=6)
+    ap.add_argument("--draft-layers", type=int, default=6,
+                    help="the draft is the target's first N layers (0: the whole target, which "
+                    "accepts every proposal: speculation's upper bound)")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="the GGUF to export as the target (default the packaged SmolLM2)")
+    ap.add_argument("--target", type=Path, default=None,
+                    help="an MLX model directory as the target instead of a GGUF export")
     ap.add_argument("--spec-tokens", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (0: greedy, outputs compared with off)")
+    ap.add_argument("--discard", type=int, default=0,
+                    help="the first N of the --reps run without being recorded (a fresh GPU "
+                    "compiles each new shape's kernels in its first step)")
     ap.add_argument("--out", type=Path, default=OUT / "spec-lora")
     ap.add_argument("--only", choices=["spec", "lora"], default=None)
     ap.add_argument("--work", default=None, help="only the speculation workload named so, "
@@ -149,15 +160,16 @@ def main() -> None:
     from mlx_gw.worker.engines.speculative import Gate
     from mlx_gw.worker.protocol import Load
 
-    _, target = ensure_exported()
+    target = args.target or ensure_exported(args.gguf)[1]
     base = {"name": "t", "type": "llm", "path": str(target), "max_batch": 16,
             "prompt_cache_bytes": 0}
     results: dict[str, list[float]] = {}
     meta = {"blas": os.environ.get("LD_PRELOAD", "none"), "tokens": args.tokens,
+            "target": str(target), "draft_layers": args.draft_layers,
             "temperature": args.temperature,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if args.only in (None, "spec"):
-        draft = draft_dir(target, args.draft_layers)
+        draft = draft_dir(target, args.draft_layers) if args.draft_layers else target
         engines = {
             "off": LLMEngine.from_load(Load(**base)),
             "ngram": LLMEngine.from_load(Load(**base, speculative="ngram",
@@ -166,7 +178,7 @@ def main() -> None:
                                               spec_tokens=args.spec_tokens,
                                               spec_draft_path=str(draft))),
         }
-        for rep in range(args.reps):
+        for rep in range(-args.discard, args.reps - args.discard):
             for work, prompts in (("repetitive x1", REPETITIVE[:1]),
                                   ("repetitive x16", REPETITIVE), ("unique x16", UNIQUE)):
                 if args.work and work != args.work:
@@ -180,6 +192,9 @@ def main() -> None:
                     ref = texts if ref is None else ref
                     differ = 0 if args.temperature else sum(
                         a != b for a, b in zip(texts, ref, strict=True))
+                    if rep < 0:  # compiling: printed, not recorded
+                        print(f"warm-up {work:15s} {name:6s} {rate:7.1f} tok/s", flush=True)
+                        continue
                     key = f"greedy outputs differing from off, {name}"
                     meta[key] = meta.get(key, 0) + differ
                     results.setdefault(f"{work} {name}", []).append(rate)
@@ -199,11 +214,13 @@ def main() -> None:
         eng = LLMEngine.from_load(Load(**base, adapters={f"a{i}": str(d)
                                                          for i, d in enumerate(dirs)}))
         prompts = UNIQUE[:4]
-        for rep in range(args.reps):
+        for rep in range(-args.discard, args.reps - args.discard):
             for label, names in (("4 streams base", None),
                                  ("4 streams, one adapter", ["a0"] * 4),
                                  ("4 streams, 4 adapters", ["a0", "a1", "a2", "a3"])):
                 rate, _, decode = run(eng, prompts, args.tokens, names)
+                if rep < 0:
+                    continue
                 results.setdefault(label, []).append(rate)
                 results.setdefault(f"{label} (decode only)", []).append(decode)
                 print(f"rep {rep} {label:24s} {rate:7.1f} tok/s, decode {decode:6.1f}",
