@@ -129,7 +129,7 @@ run() {
             bench_run "$step" --model-dir /root/m1b --targets gateway in-process \
                 --streams 16 64 128 --max-tokens 128 --prompt-tokens 128 --reps 2 ;;
         nowait)  # the same without the worker's wait for a finished wave's successors
-            MLX_GW_ADMIT_WAIT_MS=0 bench_run nowait --model-dir /root/m1b \
+            MLX_GW_ADMIT_WAIT_MS=${ADMIT_WAIT_MS:-0} bench_run nowait --model-dir /root/m1b \
                 --targets gateway in-process --streams 64 128 --max-tokens 128 \
                 --prompt-tokens 128 --reps 1 ;;
         spec)  # issue 17: speculation off / ngram / draft, and 4 adapters, on this GPU

@@ -5,11 +5,13 @@ A client in a closed loop (a chat UI, an agent, the benchmark) sends its next re
 as its last token arrives, so the step that ends some sequences is followed, one round trip
 later, by about as many new requests. mlx-lm evaluates one decode step ahead: when `next()`
 returns, the next step is already running, and the loop can wait that round trip without
-slowing the rows still decoding. The new requests then enter together, one step sooner: one
-prefill pass for the group instead of a pass for each piece that happened to arrive before a
-step boundary (on a GPU a pass costs about the same for 1 row as for 8). Without the wait, a
-wave of 64 replacements entered in more, smaller pieces, each a step later than an in-process
-insert.
+slowing the rows still decoding. The new requests then enter a step sooner than if the loop
+had stepped at once and found them only after that step.
+
+Measured on an H200 (bench/RESULTS.md, issue 20, runs 9-11, same machine back to back): p50
+TTFT over in-process +49 / +60 ms at 64 / 128 streams with the wait, +68..80 / +122..148 ms
+without; throughput within the runs' noise either way. It did not change how full the prefill
+passes were (8 rows each with and without: the queue was never short of requests there).
 
 The wait ends as soon as as many requests have arrived as sequences finished, and never lasts
 more than half a step (the time the step already running leaves) or MLX_GW_ADMIT_WAIT_MS
