@@ -7,8 +7,8 @@ base's running worker (same pid) serves at once, answering differently from the 
 greedy output equals base+adapter. A cancelled job's worker is gone and its files deleted; a
 killed trainer fails its job. Under a small memory_limit a job evicts the idle base, or waits
 and is refused while it is busy; it ends with its gateway, and a restarted gateway serves its
-adapter. In-process, the packaged SmolLM2 GGUF trains (QLoRA) and fuses. Bad requests get OpenAI-shaped 400/404/409/503 errors, and the
-CLI trains with a line per report.
+adapter. In-process, the packaged SmolLM2 GGUF trains (QLoRA) and fuses. Bad requests get
+OpenAI-shaped 400/404/409/503 errors, and the CLI trains with a line per report.
 """
 
 from __future__ import annotations

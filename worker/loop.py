@@ -275,7 +275,7 @@ def _drain(engine: Engine, rx: zmq.Socket, send, name: str) -> bool:
 def _await_arrivals(engine: Engine, rx: zmq.Socket, send, name: str, steps: StepLog) -> bool:
     """Before a step, wait (briefly, while the step already queued runs) for the requests
     that replace the sequences the last step finished (worker/engines/arrivals.py), so they
-    join the batch together. Returns False on Shutdown."""
+    join the batch a step sooner. Returns False on Shutdown."""
     arrivals = getattr(engine, "arrivals", None)  # the LLM engine's alone
     t0 = time.perf_counter()
     while arrivals is not None and (wait := arrivals.remaining()) > 0:
