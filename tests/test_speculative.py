@@ -272,11 +272,42 @@ def test_the_gate_turns_speculation_off_while_it_does_not_pay_and_probes_again()
     gate.spec(0.1, 4, proposed=4, accepted=3)  # now 40 tok/s: it pays, it stays on
     gate.spec(0.1, 4, proposed=4, accepted=3)
     assert gate.on and (gate.proposed, gate.accepted) == (24, 10)
+    rate = gate.plain_rate
     for _ in range(MISSES_OFF):  # rows with nothing to propose: a short rest, then again
         assert gate.on
         gate.no_proposal()
-        gate.plain(0.1)
-    assert not gate.on
+        gate.plain(1.0, measured=False)  # slowed by the failed proposal's wait: not measured
+    assert not gate.on and gate.plain_rate == rate
     for _ in range(MISS_REST_STEPS):
         gate.plain(0.1)
     assert gate.on
+
+
+def test_a_plain_step_after_a_failed_proposal_does_not_set_the_plain_rate(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proposal that finds nothing has already waited for the queued step, so the plain step
+    after it ran without its lookahead: timed as plain decoding, it made speculation look
+    paying when it lost (ngram 0.72x at 1 stream on an H200). Real engine, real steps."""
+    from mlx_gw.worker.engines import speculative
+    from mlx_gw.worker.engines.llm import LLMEngine
+    from mlx_gw.worker.protocol import Generate, Load
+
+    monkeypatch.setattr(speculative, "MISSES_OFF", 10**9)  # keep trying every step
+    engine = LLMEngine.from_load(Load(name="t", type="llm", path=str(tiny_dir / "tiny-0"),
+                                      max_batch=8, prompt_cache_bytes=0, speculative="ngram",
+                                      spec_tokens=4))
+    # Eight different rows: a step where one of them has nothing to propose is a failed try.
+    for i, text in enumerate(PROMPTS):
+        engine.submit(Generate(rid=i + 1, prompt=text, max_tokens=40, ignore_eos=True,
+                               temperature=0.0))
+    gate, failed, measured = engine.spec, 0, 0
+    while engine.busy:
+        tried, rate, proposed = gate.on, gate.plain_rate, gate.proposed
+        engine.step()
+        if tried and gate.proposed == proposed:  # it tried, found nothing, stepped plainly
+            failed += 1
+            assert gate.plain_rate == rate
+        elif not tried and gate.plain_rate != rate:
+            measured += 1
+    engine.close()
+    assert failed > 0 and measured > 0, (failed, measured)

@@ -69,8 +69,14 @@ class Gate:
         """Off because speculating did not pay (not the first plain steps' measurement)."""
         return not self.on and self._off_until > PROBE_STEPS
 
-    def plain(self, seconds: float) -> None:
+    def plain(self, seconds: float, measured: bool = True) -> None:
+        """A plain step took `seconds`. One that followed a failed proposal is counted but not
+        measured: the proposal's wait for the queued step cost it its lookahead, so its time
+        is not what plain decoding costs (counted, it made a losing speculation look paying:
+        ngram 0.72x on an H200, bench/RESULTS.md)."""
         self._plain_steps += 1
+        if not measured:
+            return
         rate = 1.0 / max(seconds, 1e-6)
         self.plain_rate = rate if not self.plain_rate else (1 - EMA) * self.plain_rate + EMA * rate
 
@@ -176,14 +182,15 @@ class SpeculativeBatch(GenerationBatch):
         # Rows that sample: their distributions (None for a seeded row: the plain step).
         dists = None if greedy or plain else spec_sampling.row_dists(self.samplers)
         can = greedy or dists is not None
-        proposals = self._propose(dists) if can and self.gate.on else None
-        if proposals is None and can and self.gate.on:
+        tried = can and self.gate.on
+        proposals = self._propose(dists) if tried else None
+        if proposals is None and tried:
             self.gate.no_proposal()
         if self.pair is not None:
             self.pair.skip_draft = self.gate.backing_off
         if proposals is None:
             out = super().next()
-            self.gate.plain(time.perf_counter() - t0)
+            self.gate.plain(time.perf_counter() - t0, measured=not tried)
             return out
         return self._verify(*proposals, t0, dists)
 
