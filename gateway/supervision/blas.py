@@ -25,11 +25,12 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+from mlx_gw.gateway.supervision.worker_process import signal_name
 
 log = logging.getLogger("mlxgw.supervisor")
 
@@ -108,18 +109,11 @@ def _loads(path: str, lib_dir: str | None = None) -> bool:
         return False
     if done.returncode < 0:
         log.warning("[blas] %s is not used: its sgemm was killed by %s on this CPU", path,
-                    _signal_name(-done.returncode))
+                    signal_name(-done.returncode))
     elif done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
         log.warning("[blas] %s does not load: %s", path, reason)
     return done.returncode == 0
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _prepend(entry: str, path_list: str) -> str:

@@ -137,10 +137,7 @@ class WorkerProcess:
         if rc is None:
             return "running"
         if rc < 0:
-            try:
-                return f"killed by signal {signal.Signals(-rc).name}"
-            except ValueError:
-                return f"killed by signal {-rc}"
+            return f"killed by signal {signal_name(-rc)}"
         return f"exited with code {rc}"
 
     def send(self, msg: p._Msg) -> None:
