@@ -70,10 +70,9 @@ class Gate:
         return not self.on and self._off_until > PROBE_STEPS
 
     def plain(self, seconds: float, measured: bool = True) -> None:
-        """A plain step took `seconds`. One that followed a failed proposal is counted but not
-        measured: the proposal's wait for the queued step cost it its lookahead, so its time
-        is not what plain decoding costs (counted, it made a losing speculation look paying:
-        ngram 0.72x on an H200, bench/RESULTS.md)."""
+        """A plain step took `seconds`. One right after a speculative step is counted but not
+        measured: nothing was in flight when it started (the verify waited for its result),
+        so its time is not what a plain step costs in the steady lookahead."""
         self._plain_steps += 1
         if not measured:
             return
@@ -100,9 +99,10 @@ class Gate:
         self._misses = 0
 
     def no_proposal(self) -> None:
-        """A step found nothing to propose for some row. Trying costs a synchronous wait (the
-        plain step's lookahead is lost), so after MISSES_OFF misses in a row it rests
-        MISS_REST_STEPS plain steps (a fixed rest: a proposal may appear any step)."""
+        """A step found nothing to propose for some row. Each try costs every row's lookup
+        (and a wait for the queued step when the check before it was wrong), so after
+        MISSES_OFF misses in a row it rests MISS_REST_STEPS plain steps (a fixed rest: a
+        proposal may appear any step)."""
         self._misses += 1
         if self._misses >= MISSES_OFF:
             self._misses = 0
@@ -172,6 +172,11 @@ class SpeculativeBatch(GenerationBatch):
     k: int = 4
     gate: Gate
     pair: DraftPair | None = None
+    _y_known = False  # the next input token y is computed (waited for), not still queued
+
+    def extend(self, batch: Any) -> None:
+        super().extend(batch)
+        self._y_known = False  # the new rows' first tokens are still being computed
 
     def next(self) -> list[Any]:
         if not self.uids:
@@ -189,17 +194,30 @@ class SpeculativeBatch(GenerationBatch):
         if self.pair is not None:
             self.pair.skip_draft = self.gate.backing_off
         if proposals is None:
+            # After a verify, or a try that waited for y, nothing was in flight: this call's
+            # time is not a plain step's.
+            measured = not self._y_known
             out = super().next()
-            self.gate.plain(time.perf_counter() - t0, measured=not tried)
+            self._y_known = False
+            self.gate.plain(time.perf_counter() - t0, measured=measured)
             return out
-        return self._verify(*proposals, t0, dists)
+        out = self._verify(*proposals, t0, dists)
+        self._y_known = True
+        return out
 
     def _propose(self, dists: RowDists | None) -> tuple[mx.array, mx.array | None] | None:
-        """Each row's K proposals and, for a sampling draft, the draft's distributions."""
+        """Each row's K proposals and, for a sampling draft, the draft's distributions.
+        The draft takes the queued step's token y as a lazy input. Prompt lookup needs y's
+        value, and waiting for it costs the queued plain step its lookahead, so it first
+        checks (without y) that every row's known tokens end in a recurring n-gram, and
+        does not wait when one does not (tries that waited and found nothing were most of
+        ngram's steps at 1 stream on an H200, where it ran at 0.72x)."""
         y = self._next_tokens
-        mx.eval(y)
         if self.method == "draft":
             return self._draft(y, dists)
+        if not self._y_known and any(ngram_proposal(t, 1) is None for t in self.tokens):
+            return None
+        self._y_known = True
         rows = []
         for tokens, last in zip(self.tokens, y.tolist(), strict=True):
             p = ngram_proposal([*tokens, last], self.k)
