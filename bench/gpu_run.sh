@@ -17,8 +17,10 @@
 #              (1 stream in its own run: 6 reps of 6 requests)
 #   bench2     the same again (the targets ask for two consecutive runs)
 #   nowait     64 and 128 streams with MLX_GW_ADMIT_WAIT_MS=0 (worker/engines/arrivals.py off)
-#   spec       bench.spec_lora: the real SmolLM2-135M (when staged) and the 1B shape with
-#              itself as the draft (every proposal accepted: speculation's upper bound)
+#   spec       bench.spec_lora: the real SmolLM2-135M (when staged; one stream again with 6
+#              reps) and the 1B shape with itself as the draft (every proposal accepted)
+#   verify     bench.verify_cost: a verify pass of K+1 positions vs a plain step, with and
+#              without the lookahead, 1B shape and SmolLM2 (when staged), 1 16 64 rows
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
 #   contexts   bench.gpu_contexts: decode steps with 0-2 idle processes holding the GPU
@@ -137,9 +139,21 @@ run() {
                 timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --gguf /root/smollm2.gguf \
                     --reps 3 --discard 1 --tokens 96 --out "$out/spec" 2>&1 | tee "$out/spec.log" || true
             fi
+            if [ -f /root/smollm2.gguf ]; then  # one stream again: off moved 1.8x between reps
+                timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --gguf /root/smollm2.gguf \
+                    --only spec --work "repetitive x1" --reps 7 --discard 1 --tokens 96 \
+                    --out "$out/spec-x1" 2>&1 | tee "$out/spec-x1.log" || true
+            fi
             timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --target /root/m1b \
                 --draft-layers 0 --only spec --reps 2 --discard 1 --tokens 96 \
                 --out "$out/spec-1b" 2>&1 | tee "$out/spec-1b.log" || true ;;
+        verify)  # issue 17: a verify pass's cost next to a plain step's (bench.verify_cost)
+            for m in /root/m1b $([ -f /root/smollm2.gguf ] && python3 -m bench.export_gguf \
+                    /root/smollm2.gguf); do
+                timeout "${STEP_TIMEOUT:-400}" python3 -m bench.verify_cost --model "$m" \
+                    --batch 1 16 64 --out "$out/verify-$(basename "$m").json" 2>&1 \
+                    | tee -a "$out/verify.log" || true
+            done ;;
         server)
             bench_run server --model-dir /root/m1b --targets gateway in-process mlx_lm.server \
                 --streams 1 16 64 --max-tokens 128 --prompt-tokens 128 --reps 1 ;;

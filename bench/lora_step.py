@@ -10,11 +10,10 @@ and the small batched matmuls), from the scheduling noise of a whole run:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from bench.worker_env import run_as_worker
 
 
 def main() -> None:
@@ -22,13 +21,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
-    if "LD_PRELOAD" not in os.environ and os.environ.get("MLX_GW_BLAS") != "off":
-        from mlx_gw.gateway.supervision.blas import fast_blas_env
-
-        env = {**os.environ, **fast_blas_env()}
-        if "LD_PRELOAD" in env:
-            sys.exit(subprocess.call([sys.executable, "-m", "bench.lora_step", *sys.argv[1:]],
-                                     env=env))
+    run_as_worker("bench.lora_step")
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import BatchKVCache, make_prompt_cache

@@ -25,10 +25,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from bench.worker_env import run_as_worker
 
 OUT = Path(__file__).resolve().parent / "out"
 CODE = '''def total_price(items, tax_rate):
@@ -148,13 +148,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="only the speculation workload named so, "
                     "e.g. 'unique x16'")
     args = ap.parse_args()
-    if "LD_PRELOAD" not in os.environ and os.environ.get("MLX_GW_BLAS") != "off":
-        from mlx_gw.gateway.supervision.blas import fast_blas_env
-
-        env = {**os.environ, **fast_blas_env()}
-        if "LD_PRELOAD" in env:  # as the gateway starts its workers
-            sys.exit(subprocess.call([sys.executable, "-m", "bench.spec_lora", *sys.argv[1:]],
-                                     env=env))
+    run_as_worker("bench.spec_lora")
     from bench.export_gguf import ensure_exported
     from mlx_gw.worker.engines.llm import LLMEngine
     from mlx_gw.worker.engines.speculative import Gate

@@ -19,12 +19,12 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.worker_env import run_as_worker
 
 QUESTIONS = ["Where is the town?", "Who goes out every morning?", "What do the children do?",
              "What is sold at the market?", "Who came to town one day?", "What did he wear?",
@@ -124,11 +124,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    from mlx_gw.gateway.supervision.blas import fast_blas_env
-
-    if "LD_PRELOAD" not in os.environ and "LD_PRELOAD" in (env := {**os.environ,
-                                                                   **fast_blas_env()}):
-        sys.exit(subprocess.call([sys.executable, "-m", "bench.train", *sys.argv[1:]], env=env))
+    run_as_worker("bench.train")
     from bench.export_gguf import ensure_exported
 
     _, model_dir = ensure_exported()
