@@ -165,9 +165,6 @@ def test_the_byte_budget_holds(tiny_dir: Path, start_gateway: Any) -> None:
     assert 0 < row["prompt_cache_entries"] < 12, seen  # least recently used entries left
 
 
-@pytest.mark.xfail(strict=False, reason="open: on an AVX2 AMD EPYC (Debian OpenBLAS) the q8 "
-                   "answers to 'capital of France' came back \"L'Étoile, la Marseillaise,\" in "
-                   "2 of 4 runs, batched and from the cache; passed on the Xeon CI machines")
 def test_kv_bits_8_batches_caches_and_answers_sensibly(start_gateway: Any) -> None:
     """SmolLM2 with its KV stored at 8 bits: concurrent requests batch, the repeat hits the
     (quantized) prompt cache, the answer is still Paris, and the cache holds about 0.28x the
@@ -181,7 +178,13 @@ def test_kv_bits_8_batches_caches_and_answers_sensibly(start_gateway: Any) -> No
     g = start_gateway({"gateway": {"port": 0}, "models": {
         "q8": {**model, "kv_bits": 8}, "f32": model}})
     c = _client(g)
-    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    # Asked plainly, SmolLM2's first token is a near tie ("The" over "L" by 0.02 nats at 8
+    # bits): a prefix reused from another prompt's 8-bit entry flipped it to "L'Étoile, la
+    # Marseillaise," under Debian's OpenBLAS. Asked this way, each of the answer's first six
+    # tokens leads by 1.7 nats or more (and the prompt is long enough to be cached).
+    ask = [{"role": "system", "content": "You are a helpful assistant. Answer every question "
+            "in one word, with no explanation."},
+           {"role": "user", "content": "What is the capital of France?"}]
     other = [{"role": "user", "content": "Name three colours."}]
 
     def chat(name: str, msgs: list[dict[str, str]]) -> Any:
