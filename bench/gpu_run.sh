@@ -21,6 +21,8 @@
 #              reps) and the 1B shape with itself as the draft (every proposal accepted)
 #   verify     bench.verify_cost: a verify pass of K+1 positions vs a plain step, with and
 #              without the lookahead, 1B shape and SmolLM2 (when staged), 1 16 64 rows
+#   trace      bench.spec_trace: each engine step's time with ngram on (1B shape, 1 and 16
+#              streams, 3 runs on one engine)
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
 #   8b         the 8B-shape 4-bit model, gateway vs in-process vs mlx_lm.server, 1 16 64
 #   contexts   bench.gpu_contexts: decode steps with 0-2 idle processes holding the GPU
@@ -153,6 +155,11 @@ run() {
                 timeout "${STEP_TIMEOUT:-400}" python3 -m bench.verify_cost --model "$m" \
                     --batch 1 16 64 --out "$out/verify-$(basename "$m").json" 2>&1 \
                     | tee -a "$out/verify.log" || true
+            done ;;
+        trace)  # issue 17: each engine step's wall time with ngram on, verify vs plain
+            for st in 1 16; do
+                timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_trace --target /root/m1b \
+                    --streams $st --runs 3 2>&1 | tee -a "$out/trace.log" || true
             done ;;
         server)
             bench_run server --model-dir /root/m1b --targets gateway in-process mlx_lm.server \

@@ -317,3 +317,58 @@ def test_a_plain_step_right_after_a_verify_does_not_set_the_plain_rate(
         verified = False
     engine.close()
     assert after_verify > 0 and timed_tries > 0, (after_verify, timed_tries)
+
+
+def test_whole_buffer_attention_masks_the_positions_not_written() -> None:
+    """Within `whole_buffer` a batch cache hands attention its whole buffer (a length that
+    changes once per 256 positions: one cuDNN graph, not one per step), its mask hides
+    every position past the written ones, and attention gives what it gives without."""
+    import mlx.core as mx
+    from mlx_lm.models.base import create_causal_mask
+    from mlx_lm.models.cache import BatchKVCache
+
+    from mlx_gw.worker.engines import whole_buffer as wb
+
+    def kv(n: int) -> tuple[mx.array, mx.array]:
+        return mx.random.normal((2, 2, n, 16)), mx.random.normal((2, 2, n, 16))
+
+    first, (keys, values) = kv(3), kv(5)
+    cache, ref = BatchKVCache(left_padding=[1, 0]), BatchKVCache(left_padding=[1, 0])
+    for c in (cache, ref):
+        c.update_and_fetch(*first)
+    q = mx.random.normal((2, 4, 5, 16))
+    want_mask = create_causal_mask(5, offset=3, left_padding=ref.left_padding)
+    k_ref, v_ref = ref.update_and_fetch(keys, values)
+    want = mx.fast.scaled_dot_product_attention(q, mx.repeat(k_ref, 2, 1), mx.repeat(v_ref, 2, 1),
+                                                scale=0.25, mask=want_mask)
+    old_on, wb.ON = wb.ON, True
+    try:
+        with wb.whole_buffer([cache]):
+            mask = cache.make_mask(5)
+            k, v = cache.update_and_fetch(keys, values)
+    finally:
+        wb.ON = old_on
+    assert k.shape[2] == v.shape[2] == mask.shape[-1] == cache.step == 256
+    assert mx.array_equal(mask[..., :8], want_mask).item()
+    assert not mask[..., 8:].any().item()
+    got = mx.fast.scaled_dot_product_attention(q, mx.repeat(k, 2, 1), mx.repeat(v, 2, 1),
+                                               scale=0.25, mask=mask)
+    assert mx.allclose(got, want, atol=1e-5).item()
+    assert cache.update_and_fetch(*kv(1))[0].shape[2] == 9  # outside: the written positions
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_verify_over_the_whole_buffer_keeps_greedy_output(
+        tiny_dir: Path, plain: list[str], method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path (verify passes attend over the whole KV buffer) forced on here: the
+    output is the same token for token, for the target's caches and the draft's."""
+    from mlx_gw.worker.engines import speculative, whole_buffer
+
+    monkeypatch.setattr(whole_buffer, "ON", True)
+    monkeypatch.setattr(speculative, "MISSES_OFF", 10**9)
+    monkeypatch.setattr(speculative, "PAYS", 0.0)  # verify every step it can
+    extra = {"spec_draft_path": str(tiny_dir / "tiny-0")} if method == "draft" else {}
+    cycling = PROMPTS[:2] * 4
+    texts, gate = _run(tiny_dir / "tiny-0", cycling, speculative=method, spec_tokens=3, **extra)
+    assert texts == plain[:2] * 4
+    assert gate.accepted > gate.proposed // 2, (gate.proposed, gate.accepted)

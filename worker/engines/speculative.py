@@ -35,6 +35,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_gw.worker.engines import spec_sampling
 from mlx_gw.worker.engines.spec_sampling import RowDists
+from mlx_gw.worker.engines.whole_buffer import whole_buffer
 
 log = logging.getLogger("mlxgw.worker")
 
@@ -265,7 +266,9 @@ class SpeculativeBatch(GenerationBatch):
                 dists: RowDists | None) -> list[Any]:
         y, y_logprobs = self._next_tokens, self._next_logprobs
         k = d.shape[1]
-        logits = self.model(mx.concatenate([y[:, None], d], axis=1), cache=self.prompt_cache)
+        with whole_buffer(self.prompt_cache):  # one cuDNN graph per 256 positions, on CUDA
+            logits = self.model(mx.concatenate([y[:, None], d], axis=1),
+                                cache=self.prompt_cache)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if dists is None:  # greedy rows: accept the proposals equal to the target's argmax
             t = mx.argmax(logits, axis=-1)
