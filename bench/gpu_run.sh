@@ -21,6 +21,7 @@
 #              reps) and the 1B shape with itself as the draft (every proposal accepted)
 #   verify     bench.verify_cost: a verify pass of K+1 positions vs a plain step, with and
 #              without the lookahead, 1B shape and SmolLM2 (when staged), 1 16 64 rows
+#   lora       bench.spec_lora --only lora: 4 streams on the base / one adapter / 4 adapters
 #   trace      bench.spec_trace: each engine step's time with ngram on (1B shape, 1 and 16
 #              streams, 3 runs on one engine)
 #   server     python3 -m bench with mlx_lm.server beside, 1 16 64 streams
@@ -156,6 +157,10 @@ run() {
                     --batch 1 16 64 --out "$out/verify-$(basename "$m").json" 2>&1 \
                     | tee -a "$out/verify.log" || true
             done ;;
+        lora)  # issue 17: 4 streams on the base, on one adapter, on 4 adapters (real SmolLM2)
+            timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_lora --gguf /root/smollm2.gguf \
+                --only lora --reps 5 --discard 1 --tokens 96 --out "$out/lora" 2>&1 \
+                | tee "$out/lora.log" || true ;;
         trace)  # issue 17: each engine step's wall time with ngram on, verify vs plain
             for st in 1 16; do
                 timeout "${STEP_TIMEOUT:-400}" python3 -m bench.spec_trace --target /root/m1b \
