@@ -341,13 +341,18 @@ def test_whole_buffer_attention_masks_the_positions_not_written() -> None:
     k_ref, v_ref = ref.update_and_fetch(keys, values)
     want = mx.fast.scaled_dot_product_attention(q, mx.repeat(k_ref, 2, 1), mx.repeat(v_ref, 2, 1),
                                                 scale=0.25, mask=want_mask)
+    full = BatchKVCache(left_padding=[0, 0])  # 254 written: these 5 grow its buffer
+    full.update_and_fetch(*kv(254))
     old_on, wb.ON = wb.ON, True
     try:
-        with wb.whole_buffer([cache]):
+        with wb.whole_buffer([cache, full], 5):
             mask = cache.make_mask(5)
             k, v = cache.update_and_fetch(keys, values)
+            grown_mask = full.make_mask(5)
+            grown = full.update_and_fetch(keys, values)[0]
     finally:
         wb.ON = old_on
+    assert grown.shape[2] == grown_mask.shape[-1] == 254 + 256  # grown before the mask
     assert k.shape[2] == v.shape[2] == mask.shape[-1] == cache.step == 256
     assert mx.array_equal(mask[..., :8], want_mask).item()
     assert not mask[..., 8:].any().item()

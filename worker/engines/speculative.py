@@ -266,9 +266,9 @@ class SpeculativeBatch(GenerationBatch):
                 dists: RowDists | None) -> list[Any]:
         y, y_logprobs = self._next_tokens, self._next_logprobs
         k = d.shape[1]
-        with whole_buffer(self.prompt_cache):  # one cuDNN graph per 256 positions, on CUDA
-            logits = self.model(mx.concatenate([y[:, None], d], axis=1),
-                                cache=self.prompt_cache)
+        inputs = mx.concatenate([y[:, None], d], axis=1)
+        with whole_buffer(self.prompt_cache, k + 1):  # one cuDNN graph per 256 positions
+            logits = self.model(inputs, cache=self.prompt_cache)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if dists is None:  # greedy rows: accept the proposals equal to the target's argmax
             t = mx.argmax(logits, axis=-1)

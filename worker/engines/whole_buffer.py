@@ -28,7 +28,8 @@ ON = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 
 def _reserve(c: BatchKVCache, n: int) -> None:
     """Grow c's buffer now, as its next update of n positions would (mlx-lm's step), so the
-    mask built before the update knows the length attention will see."""
+    mask built before the update knows the length attention will see, and the update itself
+    does not grow it."""
     prev, size = c._idx, c.keys.shape[2]
     if prev + n <= size:
         return
@@ -43,7 +44,6 @@ def _reserve(c: BatchKVCache, n: int) -> None:
 
 
 def _make_mask(c: BatchKVCache, n: int, return_array: bool = False, **kw: Any) -> mx.array:
-    _reserve(c, n)
     mask = create_causal_mask(n, offset=c._idx, left_padding=c.left_padding, **kw)
     extra = c.keys.shape[2] - mask.shape[-1]
     return mx.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, extra)], constant_values=False)
@@ -51,17 +51,18 @@ def _make_mask(c: BatchKVCache, n: int, return_array: bool = False, **kw: Any) -
 
 def _update_and_fetch(c: BatchKVCache, keys: mx.array,
                       values: mx.array) -> tuple[mx.array, mx.array]:
-    _reserve(c, keys.shape[2])
     BatchKVCache.update_and_fetch(c, keys, values)
     return c.keys, c.values
 
 
 @contextlib.contextmanager
-def whole_buffer(caches: list[Any]) -> Iterator[None]:
-    """Within: every non-empty BatchKVCache in `caches` attends over its whole buffer (when
-    ON: on CUDA; elsewhere attention's kernels do not depend on the key length)."""
+def whole_buffer(caches: list[Any], n: int) -> Iterator[None]:
+    """Within: every non-empty BatchKVCache in `caches`, about to take `n` positions, attends
+    over its whole buffer (when ON: on CUDA; elsewhere attention's kernels do not depend on
+    the key length)."""
     patched = [c for c in caches if ON and type(c) is BatchKVCache and c.keys is not None]
     for c in patched:
+        _reserve(c, n)
         c.make_mask = _make_mask.__get__(c)
         c.update_and_fetch = _update_and_fetch.__get__(c)
     try:
